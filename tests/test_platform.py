@@ -1,0 +1,137 @@
+"""The CPU platform is selected on a CPU-only host, the plugin reaches fresh processes through
+verl's entry point, registration failures are loud, and resource shortfalls fail fast."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from verl_npd.platform.verl_patches import placement_shortfall
+
+
+def run_python(code: str, timeout: float = 180, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_plain_import_of_verl_selects_the_cpu_platform():
+    # A fresh interpreter that only imports verl: the plugin must arrive through the
+    # `verl.plugins` entry point, exactly as in a Ray worker.
+    result = run_python(
+        """
+        import json, torch, verl
+        from verl.utils.device import get_device_name, get_nccl_backend, get_device_id, get_torch_device
+        from verl.plugin.platform import get_platform
+        dev = get_torch_device()
+        dev.manual_seed(3); a = torch.rand(2)
+        state = dev.get_rng_state(); b = torch.rand(2); dev.set_rng_state(state); c = torch.rand(2)
+        free, total = dev.mem_get_info()
+        print(json.dumps({
+            "platform": type(get_platform()).__name__,
+            "device": get_device_name(),
+            "backend": get_nccl_backend(),
+            "device_id": get_device_id(),
+            "tensor_device": str(torch.zeros(1).to(get_device_id()).device),
+            "rng_restored": torch.equal(b, c),
+            "memory_sane": 0 < free <= total,
+        }))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts == {
+        "platform": "CpuPlatform",
+        "device": "cpu",
+        "backend": "gloo",
+        "device_id": "cpu",
+        "tensor_device": "cpu",
+        "rng_restored": True,
+        "memory_sane": True,
+    }
+    assert "verl-npd: registering" not in result.stderr, result.stderr
+
+
+def test_fsdp2_engine_is_found_for_cpu_and_never_pins_memory():
+    result = run_python(
+        """
+        import verl
+        import verl.workers.engine
+        from verl.workers.engine.base import EngineRegistry
+        import sys
+        engine = EngineRegistry.get_engine_cls("language_model", "fsdp2")
+        module = sys.modules[engine.__module__]
+        print(engine.__name__, module.CPUOffloadPolicy().pin_memory, module.CPUOffloadPolicy(pin_memory=True).pin_memory)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-3:] == ["FSDPEngineWithLMHead", "False", "False"]
+
+
+def test_gloo_process_group_initialises_on_cpu():
+    result = run_python(
+        """
+        import os
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29671", RANK="0", WORLD_SIZE="1")
+        import torch, torch.distributed as dist, verl
+        from verl.utils.distributed import initialize_global_process_group_ray
+        initialize_global_process_group_ray()
+        t = torch.ones(3); dist.all_reduce(t)
+        print(dist.get_backend(), t.tolist())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "gloo [1.0, 1.0, 1.0]"
+
+
+def test_registration_failure_is_logged_at_warning_with_the_exception(monkeypatch, caplog):
+    import verl_npd.plugin as plugin
+
+    monkeypatch.setattr(plugin, "REGISTRATION_MODULES", ("verl_npd.platform.cpu", "verl_npd.does_not_exist"))
+    with caplog.at_level(logging.WARNING, logger="verl_npd"):
+        results = plugin.register_all()
+    assert results == {"verl_npd.platform.cpu": True, "verl_npd.does_not_exist": False}
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING and "verl_npd.does_not_exist" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+@pytest.mark.parametrize(
+    "bundles, cpus, gpus, free, fits",
+    [
+        ([2], 3, 1, [{"CPU": 6, "GPU": 2}], True),
+        ([2], 3, 1, [{"CPU": 5, "GPU": 2}], False),  # 2 bundles x 3 CPUs = 6 > 5
+        ([2], 3, 1, [{"CPU": 16, "GPU": 1}], False),
+        ([1, 1], 3, 1, [{"CPU": 3, "GPU": 1}, {"CPU": 3, "GPU": 1}], True),  # one group per node
+        ([2], 3, 1, [{"CPU": 3, "GPU": 1}, {"CPU": 3, "GPU": 1}], False),  # STRICT_PACK: one node
+        ([1], 3, 0, [{"CPU": 3}], True),
+    ],
+)
+def test_placement_shortfall_arithmetic(bundles, cpus, gpus, free, fits):
+    assert (placement_shortfall(bundles, cpus, gpus, free) is None) == fits
+
+
+def test_resource_shortfall_fails_fast_instead_of_hanging():
+    # Without the patch, Ray would keep this placement group pending forever.
+    result = run_python(
+        """
+        import ray, verl
+        from verl.single_controller.ray.base import RayResourcePool
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        pool = RayResourcePool(process_on_nodes=[2], use_gpu=True, max_colocate_count=1, name_prefix="too_big")
+        try:
+            pool.get_placement_groups()
+        except Exception as e:
+            print(type(e).__name__, "::", e)
+        """,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("ResourceShortfallError :: verl resource pool 'too_big' cannot be placed"), last
+    assert "needs 2 CPU and 2 GPU" in last

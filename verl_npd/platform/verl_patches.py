@@ -1,0 +1,178 @@
+"""Every patch verl-npd applies to verl, in one place.
+
+Each patch names the verl 0.9.1 file and line it works around and why. They are applied only to
+the verl version they were written against: on any other version they are skipped with a warning,
+because a silent patch of code that moved is worse than a clear failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger("verl_npd")
+
+PATCHED_VERL_VERSION = "0.9.1"
+_APPLIED: set[str] = set()
+
+
+def _verl_version_matches(patch_name: str) -> bool:
+    import verl
+
+    if verl.__version__ == PATCHED_VERL_VERSION:
+        return True
+    logger.warning(
+        "verl-npd: patch %r was written for verl %s but verl %s is installed; skipping it",
+        patch_name,
+        PATCHED_VERL_VERSION,
+        verl.__version__,
+    )
+    return False
+
+
+def _apply_once(patch_name: str, apply) -> None:
+    if patch_name in _APPLIED or not _verl_version_matches(patch_name):
+        return
+    apply()
+    _APPLIED.add(patch_name)
+
+
+class ResourceShortfallError(RuntimeError):
+    """The Ray cluster cannot hold a resource pool verl asked for."""
+
+
+def placement_shortfall(
+    bundles_per_node: list[int], cpus_per_bundle: float, gpus_per_bundle: float, free_per_node: list[dict]
+) -> str | None:
+    """Describe why STRICT_PACK placement groups cannot be placed now, or return None if they can.
+
+    Each entry of ``bundles_per_node`` is one placement group that must fit on a single node
+    (verl packs each node's workers with STRICT_PACK). Nodes are filled greedily, largest group
+    first; that is exact for one node and a sound sufficient check for several.
+    """
+    free = [dict(node) for node in free_per_node]
+    for count in sorted(bundles_per_node, reverse=True):
+        need_cpu, need_gpu = count * cpus_per_bundle, count * gpus_per_bundle
+        for node in free:
+            if node.get("CPU", 0.0) >= need_cpu and node.get("GPU", 0.0) >= need_gpu:
+                node["CPU"] = node.get("CPU", 0.0) - need_cpu
+                node["GPU"] = node.get("GPU", 0.0) - need_gpu
+                break
+        else:
+            have = ", ".join(f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in free_per_node)
+            return (
+                f"a placement group of {count} worker(s) needs {need_cpu:g} CPU and {need_gpu:g} GPU on one node, "
+                f"but the free resources per node are [{have}]"
+            )
+    return None
+
+
+def apply_resource_fail_fast() -> None:
+    """Fail fast instead of waiting forever for placement groups Ray cannot place.
+
+    verl/single_controller/ray/base.py:160 (``RayResourcePool.get_placement_groups``) blocks on
+    ``ray.get([pg.ready() ...])`` with no timeout. When the cluster lacks the GPUs or CPUs (each
+    bundle asks for ``max_colocate_count`` CPUs, 3 by default), Ray keeps the request pending
+    forever and the run hangs silently. We check the request against Ray's free resources first.
+    """
+
+    def apply() -> None:
+        import ray
+        from verl.single_controller.ray.base import RayResourcePool
+
+        original = RayResourcePool.get_placement_groups
+
+        @functools.wraps(original)
+        def get_placement_groups(self, *args, **kwargs):
+            if self.pgs is None:
+                free = list(ray._private.state.available_resources_per_node().values())
+                problem = placement_shortfall(
+                    list(self._store), float(self.max_colocate_count), 1.0 if self.use_gpu else 0.0, free
+                )
+                if problem is not None:
+                    raise ResourceShortfallError(
+                        f"verl resource pool '{self.name_prefix}' cannot be placed: {problem}. Ask for fewer "
+                        "workers or start Ray with more resources (on a CPU-only machine GPUs are logical: "
+                        "+ray_kwargs.ray_init.num_gpus=N +ray_kwargs.ray_init.num_cpus=M)."
+                    )
+            return original(self, *args, **kwargs)
+
+        RayResourcePool.get_placement_groups = get_placement_groups
+
+    _apply_once("resource_fail_fast", apply)
+
+
+def apply_cpu_patches() -> None:
+    """Patches needed only when verl runs on the CPU platform."""
+    _apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
+    _apply_once("fsdp_engine_on_cpu", _patch_fsdp_engine_lookup)
+
+
+def _patch_gloo_only_process_group() -> None:
+    """verl/utils/distributed.py:89 builds the backend ``cpu:gloo,{device}:{backend}``; with the
+    device ``cpu`` that is ``cpu:gloo,cpu:gloo``, which torch rejects as a duplicate device type.
+    On the CPU, gloo alone is the whole backend.
+
+    verl/workers/engine_workers.py imports this function by name; the plugin runs at ``import
+    verl``, before any worker module is imported, so they pick up the patched function.
+    """
+    import verl.utils.distributed as distributed
+
+    original = distributed.initialize_global_process_group_ray
+
+    @functools.wraps(original)
+    def initialize_global_process_group_ray(timeout_second=None, backend=None):
+        return original(timeout_second=timeout_second, backend=backend or "gloo")
+
+    distributed.initialize_global_process_group_ray = initialize_global_process_group_ray
+
+
+def _patch_fsdp_engine_lookup() -> None:
+    """Let verl's FSDP engine serve the ``cpu`` device.
+
+    verl/workers/engine/fsdp/transformer_impl.py:1143 registers the FSDP engines for the devices
+    cuda and npu only, so ``EngineRegistry.get_engine_cls`` (verl/workers/engine/base.py:400)
+    finds none for ``cpu``. The FSDP2 engine itself is device-agnostic (it asks the platform), so
+    on the CPU we look up the cuda registration instead. That is done at lookup time rather than by
+    registering for ``cpu`` here, because importing the FSDP engine module costs seconds and most
+    processes that import verl never build an engine.
+
+    When the FSDP engine is handed out, its module's ``CPUOffloadPolicy`` is replaced by one that
+    never pins memory: transformer_impl.py:462 hard-codes ``CPUOffloadPolicy(pin_memory=True)``,
+    and pinning needs an accelerator.
+    """
+    import sys
+
+    from verl.workers.engine.base import EngineRegistry
+
+    original = EngineRegistry.get_engine_cls.__func__
+
+    def get_engine_cls(cls, model_type: str, backend: str):
+        from verl.utils.device import get_device_name
+
+        if get_device_name() != "cpu" or "cpu" in cls._engines.get(model_type, {}).get(backend, {}):
+            return original(cls, model_type, backend)
+        engine_cls = cls._engines[model_type][backend].get("cuda")
+        if engine_cls is None:
+            raise ValueError(
+                f"verl-npd: the {backend!r} engine has no CPU support; on a CPU-only machine use "
+                "strategy=fsdp2 (FSDP1 refuses CPU parameters)"
+            )
+        _unpin_cpu_offload(sys.modules[engine_cls.__module__])
+        return engine_cls
+
+    EngineRegistry.get_engine_cls = classmethod(get_engine_cls)
+
+
+def _unpin_cpu_offload(engine_module) -> None:
+    offload_policy_cls = getattr(engine_module, "CPUOffloadPolicy", None)
+    if offload_policy_cls is None or getattr(offload_policy_cls, "_verl_npd_unpinned", False):
+        return
+
+    class UnpinnedCPUOffloadPolicy(offload_policy_cls):
+        _verl_npd_unpinned = True
+
+        def __init__(self, pin_memory: bool = False):
+            super().__init__(pin_memory=False)
+
+    engine_module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
