@@ -1,0 +1,315 @@
+"""The ``npd_cpu`` rollout backend against plain transformers forwards, through Ray as verl drives it.
+
+One server is launched the way verl's hybrid mode launches it (``CPURolloutReplica.init_hybrid``)
+and shared by the tests. The hybrid-mode ``CPUServerAdapter`` runs in the test process, where a
+trainer worker would hold it. The weight-update test restores the original weights when it is done.
+"""
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+import ray
+import torch
+from tiny_models import EOS_TOKEN, build_tiny_qwen2, build_tiny_tokenizer
+
+from verl.workers.config import CheckpointEngineConfig, RolloutConfig
+from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
+from verl_npd.rollout.cpu_server import CPURolloutReplica, CPUServerAdapter, register
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [100, 101, 102, 103, 104], [200], [17, 18, 19, 20, 21, 22]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two random tiny Qwen2 models (A serves, B is the 'trained' one) sharing one tokenizer."""
+    dirs = {name: tmp_path_factory.mktemp(f"model_{name}") for name in ("a", "b")}
+    tokenizer = build_tiny_tokenizer(dirs["a"])
+    tokenizer.save_pretrained(str(dirs["b"]))
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    models = {
+        name: build_tiny_qwen2(
+            path, vocab_size=len(tokenizer), seed=seed, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+        )
+        for seed, (name, path) in enumerate(dirs.items())
+    }
+    return SimpleNamespace(dirs=dirs, models=models, eos=eos, vocab=len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    ray.init(num_cpus=2, include_dashboard=False)
+    config = RolloutConfig(
+        name="npd_cpu",
+        tensor_model_parallel_size=1,
+        prompt_length=64,
+        response_length=32,
+        load_format="auto",
+        # 0 MB buckets: every tensor travels in its own update_weights call, exercising the streaming.
+        checkpoint_engine=CheckpointEngineConfig(update_weights_bucket_megabytes=0),
+    )
+    model_config = {"_target_": "verl.workers.config.HFModelConfig", "path": str(tiny.dirs["a"])}
+    replica = CPURolloutReplica(replica_rank=0, config=config, model_config=model_config, gpus_per_node=1)
+
+    class NodeProbe:
+        """Stands in for the replica's worker, which launch_servers only asks for its node.
+
+        Local, so that Ray ships it by value (Ray's workers cannot import this test module); it
+        imports nothing, so its process starts in a moment.
+        """
+
+    probe = ray.remote(NodeProbe).options(num_cpus=0).remote()
+    asyncio.run(replica.init_hybrid(SimpleNamespace(workers=[probe])))
+    # The hybrid-mode adapter, built as verl's trainer worker builds it (RayWorkerGroup sets RANK there).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RANK", "0")
+        adapter = CPUServerAdapter(config=config, model_config=model_config, device_mesh=None)
+    yield SimpleNamespace(handle=replica.server_handle, adapter=adapter)
+    ray.shutdown()
+
+
+async def _hybrid_weight_sync(adapter, state_dict, global_steps):
+    """What verl's ActorRolloutRefWorker.update_weights(mode="naive") does around the adapter."""
+    await adapter.resume(tags=["weights"])
+    await adapter.update_weights(iter(state_dict.items()), global_steps=global_steps)
+    await adapter.resume(tags=["kv_cache"])
+
+
+def _generate(server, prompts, **params):
+    refs = [
+        server.handle.generate.remote(p, dict(params), f"req-{time.monotonic_ns()}-{i}") for i, p in enumerate(prompts)
+    ]
+    return ray.get(refs)
+
+
+def _stats(server):
+    return ray.get(server.handle.get_engine_stats.remote())
+
+
+@torch.no_grad()
+def _forward_logprobs(model, ids):
+    return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def _response_logprobs(model, prompt, response):
+    logprobs = _forward_logprobs(model, prompt + response)
+    return [float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(response)]
+
+
+def _greedy(model, prompt, max_tokens, eos):
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(_forward_logprobs(model, ids)[-1].argmax()))
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt) :]
+
+
+def test_registered_with_verl():
+    from verl.workers.config.distillation import DistillationTeacherModelConfig
+    from verl.workers.rollout.base import get_rollout_class
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    register()
+    register()  # idempotent
+    assert get_rollout_class("npd_cpu", "async") is CPUServerAdapter
+    assert get_rollout_replica_class("npd_cpu") is CPURolloutReplica
+    teacher = SimpleNamespace(inference=SimpleNamespace(name="npd_cpu"))
+    DistillationTeacherModelConfig._validate_topk_logprobs(teacher, use_topk=True, topk=8)
+    with pytest.raises(ValueError, match="topk must be specified"):
+        DistillationTeacherModelConfig._validate_topk_logprobs(teacher, use_topk=True, topk=None)
+
+
+def test_sampled_logprobs_match_forward(server, tiny):
+    # Different prompt lengths and max_tokens: rows are left padded and leave the batch at different steps.
+    max_tokens = [9, 3, 12, 1, 6]
+    params = {"temperature": 1.0, "logprobs": True, "ignore_eos": True}
+    refs = [
+        server.handle.generate.remote(p, dict(params, max_tokens=m), f"lp{i}")
+        for i, (p, m) in enumerate(zip(PROMPTS, max_tokens))
+    ]
+    for prompt, limit, out in zip(PROMPTS, max_tokens, ray.get(refs)):
+        assert out.stop_reason == "completed" and len(out.token_ids) == limit == len(out.log_probs)
+        expected = _response_logprobs(tiny.models["a"], prompt, out.token_ids)
+        torch.testing.assert_close(torch.tensor(out.log_probs), torch.tensor(expected), atol=1e-4, rtol=0)
+        assert set(out.extra_fields) >= {"global_steps", "num_cached_tokens"}
+
+
+def test_processed_logprobs_follow_temperature_and_top_k(server, tiny):
+    # verl's default logprobs_mode is processed_logprobs: the distribution actually sampled from.
+    (out,) = _generate(server, PROMPTS[:1], temperature=0.7, top_k=20, logprobs=True, max_tokens=8, ignore_eos=True)
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        logits = tiny.models["a"](torch.tensor([prompt + out.token_ids])).logits[0].float() / 0.7
+    for i, token in enumerate(out.token_ids):
+        row = logits[len(prompt) - 1 + i]
+        row = row.masked_fill(row < row.topk(20).values[-1], float("-inf")).log_softmax(-1)
+        assert torch.isfinite(row[token])
+        assert abs(float(row[token]) - out.log_probs[i]) < 1e-4
+
+
+def test_greedy_matches_argmax_loop(server, tiny):
+    outs = _generate(server, PROMPTS, temperature=0.0, max_tokens=12)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _greedy(tiny.models["a"], prompt, 12, tiny.eos)
+        assert out.log_probs is None
+
+
+def test_prompt_logprobs_vllm_layout(server, tiny):
+    sequences = PROMPTS[:3]
+    for k in (0, 4):
+        outs = _generate(server, sequences, max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False)
+        for seq, out in zip(sequences, outs):
+            ids, values = out.extra_fields["prompt_ids"], out.extra_fields["prompt_logprobs"]
+            # What verl's teacher loop checks before using them (teacher_model.py).
+            assert torch.tensor(ids).shape == torch.tensor(values).shape == (len(seq), max(k, 1))
+            assert ids[-1] == [0] * max(k, 1) and values[-1] == [0.0] * max(k, 1)
+            reference = _forward_logprobs(tiny.models["a"], seq)[:-1]
+            if k == 0:
+                assert [row[0] for row in ids[:-1]] == seq[1:]
+                expected = reference.gather(1, torch.tensor(seq[1:]).unsqueeze(1))
+            else:
+                expected, expected_ids = reference.topk(k, dim=-1)
+                assert ids[:-1] == expected_ids.tolist()
+            torch.testing.assert_close(torch.tensor(values[:-1]), expected, atol=1e-4, rtol=0)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(server):
+    greedy = [out.token_ids for out in _generate(server, PROMPTS, temperature=0.0, max_tokens=8)]
+    top_k_1 = _generate(server, PROMPTS, temperature=1.0, top_k=1, max_tokens=8, logprobs=True)
+    tiny_top_p = _generate(server, PROMPTS, temperature=1.0, top_p=1e-6, max_tokens=8)
+    assert [out.token_ids for out in top_k_1] == greedy
+    assert [out.token_ids for out in tiny_top_p] == greedy
+    # Processed log-probs of a one-token distribution are log(1).
+    assert all(lp == 0.0 for out in top_k_1 for lp in out.log_probs)
+
+
+def test_seeded_sampling_is_reproducible(server):
+    params = dict(temperature=1.0, max_tokens=10, ignore_eos=True)
+    (alone,) = _generate(server, PROMPTS[:1], seed=1234, **params)
+    # Same seed again, now batched with unseeded requests: a seeded row draws from its own generator.
+    refs = [server.handle.generate.remote(PROMPTS[0], dict(params, seed=1234), "seeded-again")]
+    refs += [server.handle.generate.remote(p, dict(params), f"noise{i}") for i, p in enumerate(PROMPTS)]
+    batched = ray.get(refs)[0]
+    (other_seed,) = _generate(server, PROMPTS[:1], seed=4321, **params)
+    assert batched.token_ids == alone.token_ids
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_concurrent_requests_share_forward_passes(server):
+    n = 8
+    # Hold requests at the closed gate, then release them together: the engine must batch them.
+    ray.get(server.handle.abort_all_requests.remote())
+    params = {"max_tokens": 4, "ignore_eos": True}
+    refs = [server.handle.generate.remote(PROMPTS[i % len(PROMPTS)], dict(params), f"b{i}") for i in range(n)]
+    assert ray.wait(refs, num_returns=1, timeout=0.5)[0] == []
+    before = _stats(server)
+    ray.get(server.handle.resume_generation.remote())
+    outs = ray.get(refs)
+    after = _stats(server)
+    assert all(out.stop_reason == "completed" and len(out.token_ids) == 4 for out in outs)
+    assert after["prefill_batches"] - before["prefill_batches"] < n
+    assert after["forward_passes"] - before["forward_passes"] < n
+    assert after["max_batch_size"] >= n
+
+
+def test_abort_returns_partial_tokens_and_holds_new_requests(server):
+    long_params = {"max_tokens": 440, "ignore_eos": True, "logprobs": True}
+    before = _stats(server)["decode_steps"]
+    running = [server.handle.generate.remote(p, dict(long_params), f"long{i}") for i, p in enumerate(PROMPTS[:4])]
+    while _stats(server)["decode_steps"] < before + 3:
+        time.sleep(0.005)
+    result = ray.get(server.handle.abort_all_requests.remote())
+    assert result["aborted_count"] == 4
+    for out in ray.get(running):
+        assert out.stop_reason == "aborted"
+        assert 0 < len(out.token_ids) < 440 and len(out.log_probs) == len(out.token_ids)
+
+    # Behind the closed gate a new request is held, not lost...
+    held = server.handle.generate.remote(PROMPTS[1], {"max_tokens": 3}, "held")
+    assert ray.wait([held], timeout=0.5)[0] == []
+    # ...unless the abort declared that no resume is coming soon: then it is refused at once.
+    ray.get(server.handle.abort_all_requests.remote(reject_request=True))
+    refused = ray.get(server.handle.generate.remote(PROMPTS[1], {"max_tokens": 3}, "refused"))
+    assert refused.stop_reason == "aborted" and refused.token_ids == []
+    ray.get(server.handle.resume_generation.remote())
+    released = ray.get(held)
+    assert released.stop_reason == "completed" and len(released.token_ids) == 3
+
+
+def test_hybrid_weight_sync_and_sleep(server, tiny):
+    state_b = {name: tensor.clone() for name, tensor in tiny.models["b"].state_dict().items()}
+    state_a = {name: tensor.clone() for name, tensor in tiny.models["a"].state_dict().items()}
+    # An unknown name is refused before anything is written.
+    with pytest.raises(ray.exceptions.RayTaskError, match="match no parameter"):
+        bad = [("model.embed_tokens.weight", state_b["model.embed_tokens.weight"]), ("nope", torch.zeros(1))]
+        ray.get(server.handle.update_weights.remote(bad))
+
+    # Hybrid mode: the trainer releases the rollout, training happens, then weights are synced.
+    asyncio.run(server.adapter.release())
+    asleep = server.handle.generate.remote(PROMPTS[0], {"temperature": 0.0, "max_tokens": 8}, "during-sleep")
+    assert ray.wait([asleep], timeout=0.5)[0] == []
+    try:
+        asyncio.run(_hybrid_weight_sync(server.adapter, state_b, 7))
+        # The request held during sleep is served after the wake-up, with the new weights.
+        assert ray.get(asleep).token_ids == _greedy(tiny.models["b"], PROMPTS[0], 8, tiny.eos)
+        outs = _generate(server, PROMPTS, temperature=0.0, max_tokens=8, logprobs=True)
+        for prompt, out in zip(PROMPTS, outs):
+            assert out.token_ids == _greedy(tiny.models["b"], prompt, 8, tiny.eos)
+            expected = _response_logprobs(tiny.models["b"], prompt, out.token_ids)
+            torch.testing.assert_close(torch.tensor(out.log_probs), torch.tensor(expected), atol=1e-4, rtol=0)
+            assert out.extra_fields["global_steps"] == 7
+    finally:
+        ray.get(server.handle.update_weights.remote(list(state_a.items()), global_steps=None))
+
+
+def test_engine_merges_late_arrivals_into_running_batch(tiny):
+    # Arrivals join a running batch whose cache is shorter (B) or longer (C) than their prompt.
+    engine = BatchedEngine(
+        tiny.models["a"], eos_token_ids=[], max_num_seqs=8, max_num_batched_tokens=1024,
+        logprobs_mode="raw_logprobs", seed=0,
+    )
+    seqs = [
+        Sequence(name, prompt, SamplingSpec.from_request({"logprobs": True}, max_tokens=limit, vocab_size=tiny.vocab))
+        for name, prompt, limit in (("a", PROMPTS[1], 10), ("b", PROMPTS[0], 6), ("c", PROMPTS[3], 8))
+    ]
+    arrivals = {0: [seqs[0]], 3: [seqs[1]], 5: [seqs[2]]}
+    step = 0
+    while any(seq.finish_reason is None for seq in seqs):
+        engine.step(arrivals.get(step, []))
+        step += 1
+    assert engine.stats.max_batch_size == 3 and engine.stats.prefill_batches == 3
+    for seq in seqs:
+        expected = _response_logprobs(tiny.models["a"], seq.prompt_ids, seq.output_ids)
+        torch.testing.assert_close(torch.tensor(seq.output_logprobs), torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_engine_masks_ids_beyond_tokenizer_and_rejects_unsupported_params(tiny):
+    # verl makes vLLM mask logits of ids >= len(tokenizer); the engine does the same.
+    valid = tiny.vocab - 20
+    engine = BatchedEngine(
+        tiny.models["a"], eos_token_ids=[], max_num_seqs=8, max_num_batched_tokens=1024,
+        logprobs_mode="raw_logprobs", seed=0, num_valid_tokens=valid,
+    )
+    spec = SamplingSpec.from_request({"logprobs": True, "prompt_logprobs": 3}, max_tokens=16, vocab_size=tiny.vocab)
+    seq = Sequence("s", PROMPTS[0], spec)
+    while not engine.step([seq] if not seq.output_ids else []):
+        pass
+    assert max(seq.output_ids) < valid and max(max(row) for row in seq.prompt_topk_ids) < valid
+    with torch.no_grad():
+        logits = tiny.models["a"](torch.tensor([PROMPTS[0] + seq.output_ids])).logits[0, :, :valid]
+    expected = logits.log_softmax(-1)[len(PROMPTS[0]) - 1 : -1].gather(1, torch.tensor(seq.output_ids).unsqueeze(1))
+    torch.testing.assert_close(torch.tensor(seq.output_logprobs), expected.squeeze(1), atol=1e-4, rtol=0)
+
+    for params, message in (
+        ({"repetition_penalty": 1.1}, "repetition_penalty=1.0"),
+        ({"n": 2}, "n=1"),
+        ({"logit_bias": {1: 2.0}}, "does not support sampling params"),
+        ({"stop": ["x"]}, "does not detokenize"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SamplingSpec.from_request(params, max_tokens=4, vocab_size=tiny.vocab)
+    # Unset (None) and empty values are what vLLM's defaults look like, not errors.
+    spec = SamplingSpec.from_request({"stop": [], "top_k": None, "seed": None, "n": 1}, max_tokens=4, vocab_size=9)
+    assert spec.top_k == -1 and spec.seed is None
