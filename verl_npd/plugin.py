@@ -15,10 +15,12 @@ logger = logging.getLogger("verl_npd")
 # place before any other module asks verl for the device name.
 REGISTRATION_MODULES = (
     "verl_npd.platform.cpu",
+    "verl_npd.platform.verl_patches",
     "verl_npd.rollout.cpu_server",
+    "verl_npd.rollout.gloo_checkpoint_engine",
     "verl_npd.losses.verl_registration",
     "verl_npd.filters.verl_registration",
-    "verl_npd.toy.reward",
+    "verl_npd.toy.resolvers",
 )
 
 
