@@ -1,0 +1,23 @@
+# bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh
+#
+# Near-Policy Distillation of Qwen2.5-0.5B-Instruct from Qwen2.5-7B-Instruct on GSM8K, one node with
+# 4 GPUs (2 trainer GPUs with the colocated vLLM rollout, 2 teacher GPUs). Everything is in
+# config/npd.yaml; this script only checks the data and runs it from the repo root. Hydra overrides
+# are passed through, e.g. the 2-GPU variant (1 trainer GPU + 1 teacher GPU, see README.md):
+#   bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh trainer.n_gpus_per_node=1 distillation.n_gpus_per_node=1
+#   bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh trainer.logger='[console]'   # no wandb
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root
+
+if [[ " $* " != *" data.train_files="* && " $* " != *" data.val_files="* ]]; then
+    for f in "$HOME"/data/gsm8k/{train,test}.parquet; do
+        if [[ ! -f "$f" ]]; then
+            echo "missing $f: prepare the data with verl's scripts first (recipes/README.md, 'Data')" >&2
+            exit 1
+        fi
+    done
+fi
+
+set -x
+python -m verl_npd.main_npd --config-path "$PWD/recipes/qwen2.5_0.5b_from_7b_gsm8k/config" --config-name npd "$@"

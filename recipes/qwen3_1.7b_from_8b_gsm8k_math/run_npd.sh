@@ -1,0 +1,23 @@
+# bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh
+#
+# Near-Policy Distillation of Qwen3-1.7B from Qwen3-8B on GSM8K + MATH, one node with 8 GPUs
+# (6 trainer GPUs with the colocated vLLM rollout, 2 teacher GPUs). Everything is in
+# config/npd.yaml; this script only checks the data and runs it from the repo root. Hydra
+# overrides are passed through, e.g.
+#   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh npd.sync_interval=4 npd.buffer.max_staleness=4
+#   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh trainer.logger='[console]'   # no wandb
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root
+
+if [[ " $* " != *" data.train_files="* && " $* " != *" data.val_files="* ]]; then
+    for f in "$HOME"/data/gsm8k/{train,test}.parquet "$HOME"/data/math/{train,test}.parquet; do
+        if [[ ! -f "$f" ]]; then
+            echo "missing $f: prepare the data with verl's scripts first (recipes/README.md, 'Data')" >&2
+            exit 1
+        fi
+    done
+fi
+
+set -x
+python -m verl_npd.main_npd --config-path "$PWD/recipes/qwen3_1.7b_from_8b_gsm8k_math/config" --config-name npd "$@"

@@ -1,0 +1,24 @@
+# bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_opd_baseline.sh
+#
+# The baseline for run_npd.sh: verl's built-in synchronous on-policy distillation of Qwen3-1.7B from
+# Qwen3-8B on GSM8K + MATH through verl's own trainer (verl.trainer.main_ppo), same 8-GPU split,
+# models, data, batch, lengths, token budget, lr, top-k, loss and optimizer steps. Everything is in
+# config/opd_baseline.yaml; this script only checks the data and runs it from the repo root. Hydra
+# overrides are passed through, e.g. for verl's own top-k loss instead of NPD's:
+#   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_opd_baseline.sh \
+#       distillation.distillation_loss.loss_mode=forward_kl_topk trainer.experiment_name=opd_baseline_verl_loss
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root
+
+if [[ " $* " != *" data.train_files="* && " $* " != *" data.val_files="* ]]; then
+    for f in "$HOME"/data/gsm8k/{train,test}.parquet "$HOME"/data/math/{train,test}.parquet; do
+        if [[ ! -f "$f" ]]; then
+            echo "missing $f: prepare the data with verl's scripts first (recipes/README.md, 'Data')" >&2
+            exit 1
+        fi
+    done
+fi
+
+set -x
+python -m verl.trainer.main_ppo --config-path "$PWD/recipes/qwen3_1.7b_from_8b_gsm8k_math/config" --config-name opd_baseline "$@"
