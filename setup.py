@@ -1,8 +1,8 @@
 """verl-npd: Near-Policy Distillation for verl.
 
-Pins: verl 0.9.1 is the one verl release this plugin is built and tested against. torch is pinned
-to 2.13.0 because that CPU build is what pip finds on CPU machines (a looser range pulls several GB
-of CUDA wheels there); verl's own GPU extra pins its CUDA torch, see the `gpu` extra.
+Pins: verl 0.9.1 is the one verl release this plugin is built and tested against. torch is capped
+at 2.13.0, the CPU build pip finds on CPU machines (an open range pulls several GB of CUDA wheels
+there); on GPUs verl's own extra pins its CUDA torch 2.11.0, see the `gpu` extra.
 """
 
 from setuptools import find_packages, setup
@@ -11,7 +11,9 @@ VERL_VERSION = "0.9.1"
 
 install_requires = [
     f"verl=={VERL_VERSION}",
-    "torch==2.13.0",
+    # 2.13.0+cpu (the local CPU wheel) satisfies this and sorts above PyPI's CUDA 2.13.0; the upper
+    # bound keeps pip from reaching for a newer CUDA build; 2.11.0 is what verl[vllm] pins on GPUs.
+    "torch>=2.11.0,<=2.13.0",
     # verl 0.9.1's own range (its setup.py), repeated so that pip never resolves outside it.
     "transformers>=5.5.3,<5.11,!=5.6.0",
     "tokenizers>=0.21",
@@ -36,7 +38,7 @@ install_requires = [
 extras_require = {
     "test": ["pytest>=8", "pytest-asyncio>=0.23"],
     # GPU clusters: verl's own CUDA stack (vLLM 0.24.0 on CUDA torch 2.11.0). Install with
-    # `pip install -e .[gpu]` on a CUDA machine; it replaces the CPU torch pin above.
+    # `pip install -e .[gpu]` on a CUDA machine.
     "gpu": [f"verl[vllm]=={VERL_VERSION}"],
     # vLLM's community CPU build, the only vLLM that co-installs with verl 0.9.1 and CPU torch
     # 2.13.0 (see ../shared/VERL_NOTES.md). Optional: the default CPU rollout is our own backend.

@@ -206,7 +206,7 @@ def _platform_class():
 
 
 def register() -> None:
-    """Register the CPU platform with verl and apply the CPU patches when it is the one in use."""
+    """Register the CPU platform with verl, and apply the CPU patches when it is the one in use."""
     from verl.plugin.platform import PlatformRegistry, get_platform
 
     if PlatformRegistry.get(PLATFORM_NAME) is None:
@@ -214,6 +214,5 @@ def register() -> None:
 
     from verl_npd.platform import verl_patches
 
-    verl_patches.apply_resource_fail_fast()
     if get_platform().device_name == "cpu":
         verl_patches.apply_cpu_patches()

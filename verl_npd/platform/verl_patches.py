@@ -102,6 +102,12 @@ def apply_resource_fail_fast() -> None:
     _apply_once("resource_fail_fast", apply)
 
 
+def register() -> None:
+    """The patches every platform needs (the plugin calls this in every process)."""
+    apply_resource_fail_fast()
+    apply_packed_micro_batches()
+
+
 def apply_cpu_patches() -> None:
     """Patches needed only when verl runs on the CPU platform."""
     _apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
@@ -176,3 +182,117 @@ def _unpin_cpu_offload(engine_module) -> None:
             super().__init__(pin_memory=False)
 
     engine_module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+# Per-sample tensor naming the packed micro-batch each sample belongs to; set by the NPD trainer.
+MICRO_BATCH_KEY = "npd_micro_batch"
+
+
+def apply_packed_micro_batches() -> None:
+    """Let the NPD trainer choose which samples share a micro-batch.
+
+    verl's engines split a mini-batch with ``prepare_micro_batches``
+    (verl/workers/engine/utils.py:92), whose dynamic-batch path re-partitions the samples itself
+    (Karmarkar-Karp balancing, verl/utils/seqlen_balancing.py:348). NPD packs best-fit decreasing
+    into fixed token budgets and reports the resulting efficiency, so when a batch carries the
+    ``npd_micro_batch`` tensor we use that assignment instead; everything else (nested tensors,
+    remove-padding forward, loss normalisation) is verl's. Batches without it are untouched.
+
+    verl/workers/engine/fsdp/transformer_impl.py:77 imports the function by name, so the patch must
+    run before the engine module is imported: the plugin runs at ``import verl``, which is earlier.
+    """
+
+    def apply() -> None:
+        import verl.workers.engine.utils as engine_utils
+
+        original = engine_utils.prepare_micro_batches
+
+        @functools.wraps(original)
+        def prepare_micro_batches(data, dp_group=None, *args, **kwargs):
+            if MICRO_BATCH_KEY not in data.keys():
+                return original(data, dp_group, *args, **kwargs)
+            return _micro_batches_from_assignment(data, dp_group)
+
+        engine_utils.prepare_micro_batches = prepare_micro_batches
+
+    _apply_once("packed_micro_batches", apply)
+
+
+def _micro_batches_from_assignment(data, dp_group):
+    import torch
+    import torch.distributed as dist
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.device import get_device_name
+
+    assignment = data[MICRO_BATCH_KEY].tolist()
+    groups: dict[int, list[int]] = {}
+    for index, micro_batch in enumerate(assignment):
+        groups.setdefault(micro_batch, []).append(index)
+    partitions = [groups[k] for k in sorted(groups)]
+    if dp_group is not None and dist.is_initialized():
+        # Every data-parallel rank must run the same number of micro-batches (FSDP's collectives
+        # pair up per micro-batch). A rank with fewer splits its largest micro-batches in two.
+        count = torch.tensor([len(partitions)], device=get_device_name())
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
+        while len(partitions) < int(count.item()):
+            largest = max(range(len(partitions)), key=lambda i: len(partitions[i]))
+            if len(partitions[largest]) < 2:
+                raise RuntimeError(
+                    f"verl-npd: cannot match {int(count.item())} micro-batches on every data-parallel rank: "
+                    f"this rank holds only {len(assignment)} samples"
+                )
+            members = partitions.pop(largest)
+            partitions += [members[: len(members) // 2], members[len(members) // 2 :]]
+    return [tu.index_select_tensor_dict(data, p) for p in partitions], partitions
+
+
+def apply_topk_loss_dispatch(loss_modes, compute_topk_outputs) -> None:
+    """Route verl's top-k logits-processor call to our losses for our loss modes.
+
+    verl/trainer/distillation/losses.py:123 (``compute_topk_loss``) always computes verl's own
+    forward KL, whatever ``distillation_loss.loss_mode`` names: a registered top-k loss only ever
+    sees verl's numbers. ``distillation_ppo_loss`` looks ``compute_topk_loss`` up in its module at
+    call time, so replacing the module attribute reroutes the modes in ``loss_modes`` to
+    ``compute_topk_outputs`` (same signature) and leaves every other mode to verl.
+    """
+
+    def apply() -> None:
+        import verl.trainer.distillation.losses as verl_losses
+
+        original = verl_losses.compute_topk_loss
+
+        @functools.wraps(original)
+        def compute_topk_loss(config, distillation_config, data, student_logits, data_format):
+            if distillation_config.distillation_loss.loss_mode in loss_modes:
+                return compute_topk_outputs(config, distillation_config, data, student_logits, data_format)
+            return original(config, distillation_config, data, student_logits, data_format)
+
+        verl_losses.compute_topk_loss = compute_topk_loss
+
+    _apply_once("topk_loss_dispatch", apply)
+
+
+def apply_teacher_topk_engines(engine_names) -> None:
+    """Let teachers served by our rollout engines return top-k prompt log-probs.
+
+    verl/workers/config/distillation.py:188 (``DistillationTeacherModelConfig._validate_topk_logprobs``,
+    the raise at :215-219) rejects every teacher engine but vllm and sglang when the distillation
+    loss uses top-k, because vLLM needs an engine-wide ``max_logprobs``. For the engines named here
+    only the "topk must be set" part of the check applies; other engines keep verl's behaviour.
+    """
+
+    def apply() -> None:
+        from verl.workers.config.distillation import DistillationTeacherModelConfig
+
+        original = DistillationTeacherModelConfig._validate_topk_logprobs
+        names = set(engine_names)
+
+        def _validate_topk_logprobs(self, use_topk: bool, topk):
+            if self.inference.name not in names:
+                return original(self, use_topk=use_topk, topk=topk)
+            if use_topk and topk is None:
+                raise ValueError("topk must be specified when use_topk is True.")
+
+        DistillationTeacherModelConfig._validate_topk_logprobs = _validate_topk_logprobs
+
+    _apply_once("teacher_topk_engines", apply)

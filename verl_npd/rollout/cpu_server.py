@@ -47,30 +47,6 @@ def _load_replica_class() -> type[CPURolloutReplica]:
     return CPURolloutReplica
 
 
-def _allow_teacher_topk() -> None:
-    """Let ``npd_cpu`` teachers serve top-k prompt log-probs.
-
-    ``DistillationTeacherModelConfig._validate_topk_logprobs`` (verl/workers/config/distillation.py:188;
-    the raise is at :215-219) rejects every engine but vllm/sglang when the distillation loss uses
-    top-k. Like SGLang, this backend takes the top-k per request and has no engine-wide cap, so the
-    check passes once topk is set. Other engine names keep verl's behaviour.
-    """
-    from verl.workers.config.distillation import DistillationTeacherModelConfig
-
-    original = DistillationTeacherModelConfig._validate_topk_logprobs
-    if getattr(original, "_npd_cpu", False):
-        return
-
-    def _validate_topk_logprobs(self, use_topk: bool, topk: Optional[int]) -> None:
-        if self.inference.name != ROLLOUT_NAME:
-            return original(self, use_topk=use_topk, topk=topk)
-        if use_topk and topk is None:
-            raise ValueError("topk must be specified when use_topk is True.")
-
-    _validate_topk_logprobs._npd_cpu = True
-    DistillationTeacherModelConfig._validate_topk_logprobs = _validate_topk_logprobs
-
-
 def register() -> None:
     """Register ``npd_cpu`` with verl's rollout registries. Idempotent; imports no model code."""
     from verl.workers.rollout.base import _ROLLOUT_REGISTRY
@@ -80,7 +56,10 @@ def register() -> None:
     # verl 0.9.1 has no register function for the in-worker adapter: get_rollout_class reads this
     # module-level dict (verl/workers/rollout/base.py:89-93, read at :96-109).
     _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.CPUServerAdapter"
-    _allow_teacher_topk()
+    # Like SGLang, this backend takes the top-k per request and has no engine-wide cap.
+    from verl_npd.platform.verl_patches import apply_teacher_topk_engines
+
+    apply_teacher_topk_engines([ROLLOUT_NAME])
 
 
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402

@@ -1,0 +1,154 @@
+"""The ``npd:`` section of the trainer config, as dataclasses with help text and defaults.
+
+Everything else (models, data, optimiser, rollout engine, teacher, resources, logging) is verl's own
+``ppo_trainer`` config, which the NPD trainer reads unchanged. verl turns its own sections into
+dataclasses that reject unknown fields, which is why NPD's settings live under a new top-level key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
+from verl_npd.rollout.buffer import check_staleness_bound
+
+
+def _from_mapping(cls, values: Mapping | None, prefix: str):
+    """Build dataclass ``cls`` from a mapping, naming unknown keys with their full config path."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{prefix}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class BufferConfig:
+    """``npd.buffer``: the near-policy buffer between the generator and the trainer."""
+
+    capacity: int = field(
+        default=256,
+        metadata={"help": "Samples queued or being generated at most; a full buffer pauses generation."},
+    )
+    max_staleness: int = field(
+        default=1,
+        metadata={
+            "help": "Most policy versions a trained-on sample may lag the weights it is trained with. "
+            "0 with sync_interval=1 is exactly on-policy."
+        },
+    )
+    stale_policy: str = field(
+        default="wait",
+        metadata={
+            "help": "'wait': never start a sample that would be too stale (the generator waits for a sync); "
+            "'drop': generate ahead and drop (and count) samples that are too stale when reached."
+        },
+    )
+
+    def __post_init__(self):
+        if self.capacity < 1:
+            raise ValueError(f"npd.buffer.capacity must be >= 1, got {self.capacity}")
+        if self.max_staleness < 0:
+            raise ValueError(f"npd.buffer.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.stale_policy not in ("wait", "drop"):
+            raise ValueError(f"npd.buffer.stale_policy must be 'wait' or 'drop', got {self.stale_policy!r}")
+
+
+@dataclass
+class AdaptiveSyncConfig:
+    """``npd.adaptive_sync``: sync early when the rollout policy drifts (beyond the paper)."""
+
+    enabled: bool = field(default=False, metadata={"help": "Also sync when measured drift passes the threshold."})
+    drift_kl_threshold: float = field(
+        default=0.05,
+        metadata={"help": "npd/drift_kl (k1 KL of behaviour to current student, per token) that triggers a sync."},
+    )
+
+    def __post_init__(self):
+        if self.drift_kl_threshold <= 0:
+            raise ValueError(f"npd.adaptive_sync.drift_kl_threshold must be > 0, got {self.drift_kl_threshold}")
+
+
+@dataclass
+class GenerationConfig:
+    """``npd.generation``: the asynchronous generator."""
+
+    max_concurrent_prompts: int = field(
+        default=64,
+        metadata={"help": "Prompts in flight at once (generation + teacher scoring); bounded by the buffer too."},
+    )
+    request_timeout_s: float = field(
+        default=300.0, metadata={"help": "Seconds before a rollout or teacher request is retried."}
+    )
+    max_retries: int = field(
+        default=2, metadata={"help": "Retries of a timed-out or failed request before the run fails."}
+    )
+
+    def __post_init__(self):
+        if self.max_concurrent_prompts < 1:
+            raise ValueError(f"npd.generation.max_concurrent_prompts must be >= 1, got {self.max_concurrent_prompts}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"npd.generation.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.max_retries < 0:
+            raise ValueError(f"npd.generation.max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class PackingConfig:
+    """``npd.packing``: best-fit-decreasing packing of filtered samples into micro-batches."""
+
+    token_budget: int = field(
+        default=4096, metadata={"help": "Tokens per packed micro-batch (prompt + response of every sample in it)."}
+    )
+    truncate: bool = field(
+        default=False,
+        metadata={"help": "Truncate a sample longer than the budget instead of failing with an error."},
+    )
+
+    def __post_init__(self):
+        if self.token_budget < 1:
+            raise ValueError(f"npd.packing.token_budget must be >= 1, got {self.token_budget}")
+
+
+@dataclass
+class NPDConfig:
+    """``npd``: Near-Policy Distillation settings (see NPD_SPEC.md)."""
+
+    sync_interval: int = field(
+        default=2, metadata={"help": "Optimizer steps between weight syncs to the rollout engine (K)."}
+    )
+    total_steps: int = field(default=30, metadata={"help": "Optimizer steps to train."})
+    output_dir: str = field(
+        default="outputs/npd", metadata={"help": "Where summary.json, the metrics history and plots are written."}
+    )
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    adaptive_sync: AdaptiveSyncConfig = field(default_factory=AdaptiveSyncConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    filter: DeltaIFDFilterConfig = field(default_factory=DeltaIFDFilterConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"npd.total_steps must be >= 1, got {self.total_steps}")
+        check_staleness_bound(self.sync_interval, self.buffer.max_staleness)
+        if self.filter.mode == "student_lag":
+            raise ValueError(
+                "npd.filter.mode=student_lag needs IFDs of the current student, which the trainer does not "
+                "compute while generating; use teacher_minus_behaviour or log_ratio here (student_lag is "
+                "available offline: python -m verl_npd.score --behaviour PATH --mode student_lag)"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping | None) -> NPDConfig:
+        values = dict(values or {})
+        nested: dict[str, Any] = {
+            "buffer": _from_mapping(BufferConfig, values.pop("buffer", None), "npd.buffer"),
+            "adaptive_sync": _from_mapping(AdaptiveSyncConfig, values.pop("adaptive_sync", None), "npd.adaptive_sync"),
+            "generation": _from_mapping(GenerationConfig, values.pop("generation", None), "npd.generation"),
+            "filter": DeltaIFDFilterConfig.from_mapping(values.pop("filter", None) or {}),
+            "packing": _from_mapping(PackingConfig, values.pop("packing", None), "npd.packing"),
+        }
+        return _from_mapping(cls, {**values, **nested}, "npd")

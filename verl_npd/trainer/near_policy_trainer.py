@@ -1,0 +1,321 @@
+"""The near-policy trainer: verl's PPO loop replaced by NPD's.
+
+``NearPolicyTrainer`` is verl's ``RayPPOTrainer`` (the Ray single controller) with its own ``fit``.
+Everything it builds in ``init_workers`` is reused unchanged: the FSDP actor worker group, the
+rollout replicas with their load balancer, the teacher replicas, the weight-sync manager and the
+agent loop (for validation). What changes is the step:
+
+    PPO / OPD (verl)                       NPD (here)
+    generate a batch, wait for it          take a batch from the near-policy buffer (generation
+                                           keeps running in the background)
+    old-log-prob / ref / advantage passes  none
+    teacher scores inside the agent loop   teacher scores as samples finish, Δ-IFD filters them
+    update, then sync every step           packed supervised update; sync every K steps
+
+Why a trainer class and not a v1 trainer mode: verl's v1 modes route every sample through
+TransferQueue and its replay buffer, which have no place for per-sample teacher/IFD scoring and
+filtering before the buffer, nor for our packing. The class keeps verl's workers and managers and
+owns only the loop; ``main_npd`` drives it like ``main_ppo`` drives ``RayPPOTrainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from verl import DataProto
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import left_right_2_no_padding
+
+from verl_npd.filters import get_sample_filter
+from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
+from verl_npd.platform.verl_patches import MICRO_BATCH_KEY
+from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
+from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
+from verl_npd.rollout.buffer import NearPolicyBuffer
+from verl_npd.rollout.sample_io import load_samples, save_samples
+from verl_npd.trainer.config import NPDConfig
+from verl_npd.trainer.summary import RunSummary
+
+logger = logging.getLogger("verl_npd")
+
+
+
+class NearPolicyTrainer(RayPPOTrainer):
+    def __init__(self, *args, npd_config: NPDConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.npd = npd_config
+        rollout = self.config.actor_rollout_ref.rollout
+        self.samples_per_step = self.config.data.train_batch_size * rollout.n
+        self.buffer = NearPolicyBuffer(
+            capacity=self.npd.buffer.capacity,
+            max_staleness=self.npd.buffer.max_staleness,
+            batch_size=self.samples_per_step,
+            stale_policy=self.npd.buffer.stale_policy,
+        )
+        self.stream = PromptStream(
+            dataset_size=len(self.train_dataset),
+            seed=self.config.data.get("seed", 1),
+            shuffle=self.config.data.get("shuffle", True),
+        )
+        self.output_dir = os.path.abspath(self.npd.output_dir)
+        self.rollout_manager: AsyncRolloutManager | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def _prompt_item(self, position: int) -> PromptItem:
+        row = self.train_dataset[self.stream.dataset_index(position)]
+        prompt_ids = render_chat_ids(
+            self.tokenizer,
+            row["raw_prompt"],
+            add_generation_prompt=True,
+            **self.config.data.get("apply_chat_template_kwargs", {}),
+        )
+        teacher_key = self.config.distillation.get("teacher_key", "data_source")
+        routing_key = row.get(teacher_key)
+        return PromptItem(
+            position=position,
+            prompt_ids=prompt_ids,
+            routing_key=None if routing_key is None else str(routing_key),
+            extra={"data_source": str(row.get("data_source"))},
+        )
+
+    def _build_rollout_manager(self) -> AsyncRolloutManager:
+        from verl.experimental.teacher_loop.teacher_manager import AsyncTeacherLLMServerManager
+
+        rollout = self.config.actor_rollout_ref.rollout
+        teacher_clients = self.teacher_model_manager.get_client()
+        sample_filter = get_sample_filter("delta_ifd")(self.npd.filter)
+        prompts_in_flight = self.npd.generation.max_concurrent_prompts
+        wave_size = min(self.config.data.train_batch_size, prompts_in_flight)
+        return AsyncRolloutManager(
+            student_client=self.llm_server_manager.get_client(),
+            teacher_topk_scorer=AsyncTeacherLLMServerManager(self.config, teacher_clients),
+            teacher_clients=teacher_clients,
+            buffer=self.buffer,
+            sample_filter=sample_filter,
+            prompt_fn=self._prompt_item,
+            stream=self.stream,
+            header_ids=TokenizerInfo.from_tokenizer(self.tokenizer).header_ids,
+            samples_per_prompt=rollout.n,
+            sampling_params={"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k},
+            wave_size=wave_size,
+            max_waves_in_flight=max(1, prompts_in_flight // wave_size),
+            request_timeout_s=self.npd.generation.request_timeout_s,
+            max_retries=self.npd.generation.max_retries,
+        )
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        from omegaconf import OmegaConf
+        from verl.utils.tracking import Tracking
+
+        tracker = Tracking(
+            project_name=self.config.trainer.project_name,
+            experiment_name=self.config.trainer.experiment_name,
+            default_backend=self.config.trainer.logger,
+            config=OmegaConf.to_container(self.config, resolve=True),
+        )
+        summary = RunSummary(output_dir=self.output_dir)
+        self.global_steps = 0
+        self._load_checkpoint()
+        first_step = self.global_steps
+        self.checkpoint_manager.update_weights(self.global_steps)
+        self.buffer.set_rollout_version(self.global_steps)
+
+        if self.config.trainer.get("val_before_train", True):
+            summary.record_validation(self.global_steps, self._validate(), initial=True)
+
+        self.rollout_manager = self._build_rollout_manager()
+        self.rollout_manager.start()
+        total = self.npd.total_steps
+        progress = tqdm(total=total, initial=self.global_steps, desc="NPD training", unit="step")
+        last_sync_step = self.global_steps
+        try:
+            while self.global_steps < total:
+                metrics = self._train_step()
+                step = self.global_steps
+                drift = metrics.get("npd/drift_kl")
+                adaptive = (
+                    self.npd.adaptive_sync.enabled
+                    and drift is not None
+                    and drift > self.npd.adaptive_sync.drift_kl_threshold
+                )
+                if step % self.npd.sync_interval == 0 or adaptive or step == total:
+                    metrics["timing/sync"] = self._sync_weights(step)
+                    metrics["npd/adaptive_sync"] = float(adaptive and step % self.npd.sync_interval != 0)
+                    last_sync_step = step
+                metrics["npd/steps_since_sync"] = float(step - last_sync_step)
+                metrics.update(self.rollout_manager.drain_metrics())
+                test_freq = self.config.trainer.test_freq
+                if test_freq > 0 and (step % test_freq == 0 or step == total):
+                    val_metrics = self._validate()
+                    metrics.update(val_metrics)
+                    summary.record_validation(step, val_metrics)
+                save_freq = self.config.trainer.save_freq
+                if save_freq > 0 and (step % save_freq == 0 or step == total):
+                    self._save_checkpoint()
+                summary.record_step(step, metrics)
+                tracker.log(data=metrics, step=step)
+                progress.update(1)
+        finally:
+            progress.close()
+            self.rollout_manager.stop()
+        result = summary.finish(
+            steps_run=self.global_steps - first_step, buffer_counters=self.buffer.counters.as_dict()
+        )
+        tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
+        return result
+
+    def _sync_weights(self, step: int) -> float:
+        start = time.perf_counter()
+        self.checkpoint_manager.update_weights(step)
+        self.buffer.set_rollout_version(step)
+        return time.perf_counter() - start
+
+    def _train_step(self) -> dict[str, float]:
+        step_start = time.perf_counter()
+        taken = self.buffer.take(self.samples_per_step, trainer_version=self.global_steps)
+        samples: list[GeneratedSample] = [s.payload for s in taken.samples]
+        batch, lengths = self._collate(samples)
+        bins = best_fit_decreasing(lengths, self.npd.packing.token_budget, truncate=self.npd.packing.truncate)
+        train_start = time.perf_counter()
+        actor_metrics = self._update_student(batch, bins)
+        train_s = time.perf_counter() - train_start
+        self.global_steps += 1
+        metrics = {
+            "timing/wait_gen": taken.wait_s,
+            "timing/train": train_s,
+            "timing/step": time.perf_counter() - step_start,
+            "perf/train_tokens_per_s": sum(lengths) / train_s,
+            "perf/train_tokens": float(sum(lengths)),
+            "npd/staleness_mean": float(np.mean(taken.staleness)),
+            "npd/staleness_max": float(np.max(taken.staleness)),
+            "npd/dropped_stale": float(taken.dropped_stale),
+            "npd/packing_efficiency": packing_efficiency(lengths, bins, self.npd.packing.token_budget),
+            "npd/micro_batches": float(len(bins)),
+            "npd/buffer_queued": float(self.buffer.queued),
+            "npd/rollout_version": float(self.buffer.rollout_version),
+        }
+        metrics.update(actor_metrics)
+        return metrics
+
+    def _collate(self, samples: list[GeneratedSample]) -> tuple[DataProto, list[int]]:
+        """The samples in the layout verl's agent loop produces: left-padded prompts, right-padded
+        responses, and the teacher's top-k over prompt+response padded the same way."""
+        pad_id = self.tokenizer.pad_token_id
+        prompt_width = max(len(s.prompt.prompt_ids) for s in samples)
+        response_width = max(len(s.response_ids) for s in samples)
+        topk = samples[0].teacher_topk_ids.shape[-1]
+        n, width = len(samples), prompt_width + response_width
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        response_mask = torch.zeros((n, response_width), dtype=torch.long)
+        rollout_log_probs = torch.zeros((n, response_width), dtype=torch.float32)
+        teacher_ids = torch.zeros((n, width, topk), dtype=torch.int32)
+        teacher_log_probs = torch.zeros((n, width, topk), dtype=torch.float32)
+        lengths = []
+        for i, s in enumerate(samples):
+            p, r = len(s.prompt.prompt_ids), len(s.response_ids)
+            start, end = prompt_width - p, prompt_width + r
+            input_ids[i, start:prompt_width] = torch.tensor(s.prompt.prompt_ids)
+            input_ids[i, prompt_width:end] = torch.tensor(s.response_ids)
+            attention_mask[i, start:end] = 1
+            response_mask[i, :r] = 1
+            rollout_log_probs[i, :r] = torch.tensor(s.rollout_log_probs[:r])
+            teacher_ids[i, start:end] = s.teacher_topk_ids
+            teacher_log_probs[i, start:end] = s.teacher_topk_log_probs
+            lengths.append(p + r)
+        position_ids = torch.clamp(attention_mask.cumsum(dim=-1) - 1, min=0)
+        batch = DataProto.from_single_dict(
+            {
+                "prompts": input_ids[:, :prompt_width],
+                "responses": input_ids[:, prompt_width:],
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                "response_mask": response_mask,
+                "rollout_log_probs": rollout_log_probs,
+                "teacher_ids": teacher_ids,
+                "teacher_logprobs": teacher_log_probs,
+            }
+        )
+        return batch, lengths
+
+    def _update_student(self, batch: DataProto, bins: list[list[int]]) -> dict[str, float]:
+        """One supervised distillation step on verl's actor: no old-log-prob, ref or advantage pass."""
+        micro_batch_of = torch.empty(len(batch), dtype=torch.long)
+        for index, members in enumerate(bins):
+            micro_batch_of[members] = index
+        batch.batch[MICRO_BATCH_KEY] = micro_batch_of
+        batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
+        batch_td = left_right_2_no_padding(batch.to_tensordict())
+        tu.assign_non_tensor(
+            batch_td,
+            calculate_entropy=False,
+            distillation_use_topk=True,
+            # False keeps the student's sampled-token log-probs in the training forward: the loss
+            # reports npd/drift_kl from them at no extra cost.
+            distillation_only=False,
+            global_batch_size=len(batch),
+            mini_batch_size=len(batch),
+            epochs=1,
+            seed=self.global_steps,
+            dataloader_kwargs={"shuffle": False},
+            compute_loss=True,
+            use_dynamic_bsz=True,
+            max_token_len_per_gpu=self.npd.packing.token_budget,
+        )
+        output = self.actor_rollout_wg.update_actor(batch_td)
+        return {f"actor/{k}": _mean(v) for k, v in tu.get(output, "metrics").items()} | _npd_metrics(output)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _npd_state_dir(self, step: int) -> str:
+        return os.path.join(self.config.trainer.default_local_dir, f"global_step_{step}", "npd")
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        state_dir = self._npd_state_dir(self.global_steps)
+        os.makedirs(state_dir, exist_ok=True)
+        samples, buffer_state = self.buffer.snapshot()
+        save_samples(os.path.join(state_dir, "buffer"), samples)
+        state = {"buffer": buffer_state, "stream": self.rollout_manager.state_dict(), "step": self.global_steps}
+        with open(os.path.join(state_dir, "state.json"), "w") as f:
+            json.dump(state, f)
+
+    def _load_checkpoint(self):
+        result = super()._load_checkpoint()
+        if self.global_steps > 0:
+            state_dir = self._npd_state_dir(self.global_steps)
+            with open(os.path.join(state_dir, "state.json")) as f:
+                state = json.load(f)
+            self.buffer.restore(load_samples(os.path.join(state_dir, "buffer")), state["buffer"])
+            self.stream.load_state_dict(state["stream"])
+            logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
+        return result
+
+
+def _mean(value) -> float:
+    if isinstance(value, list):
+        return float(np.mean([_mean(v) for v in value])) if value else float("nan")
+    if hasattr(value, "value"):  # verl's Metric
+        return _mean(value.value)
+    if isinstance(value, torch.Tensor):
+        return float(value.float().mean())
+    return float(value)
+
+
+def _npd_metrics(output) -> dict[str, float]:
+    """Promote the loss's npd/* metrics (reported as actor/npd/...) to their spec names."""
+    metrics = tu.get(output, "metrics")
+    return {k: _mean(v) for k, v in metrics.items() if k.startswith("npd/")}

@@ -1,0 +1,143 @@
+"""Checks that run before any Ray actor starts, so that a misconfigured run fails in seconds with
+one line naming the field, file or row, instead of failing deep inside a worker or hanging in Ray."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class PreflightError(ValueError):
+    """A configuration or input problem found before the run started."""
+
+
+@dataclass
+class Checked:
+    npd: Any
+    summary_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def preflight(config: DictConfig) -> Checked:
+    from verl_npd.trainer.config import NPDConfig
+
+    if "npd" not in config:
+        raise PreflightError("the config has no 'npd' section; start from verl_npd/config/npd_trainer.yaml")
+    try:
+        npd = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
+    except (ValueError, TypeError) as e:
+        raise PreflightError(f"invalid config: {e}") from None
+    if not config.distillation.enabled:
+        raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
+
+    student_path = check_model_path("actor_rollout_ref.model.path", config.actor_rollout_ref.model.path)
+    teacher_paths = {
+        f"distillation.teacher_models.{key}.model_path": check_model_path(
+            f"distillation.teacher_models.{key}.model_path", teacher.model_path
+        )
+        for key, teacher in config.distillation.teacher_models.items()
+    }
+    trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+    for field_name, teacher_path in teacher_paths.items():
+        check_same_vocabulary(student_path, teacher_path, field_name, trust_remote_code=trust)
+    check_data_files("data.train_files", config.data.train_files, config.data.get("prompt_key", "prompt"))
+    check_data_files("data.val_files", config.data.val_files, config.data.get("prompt_key", "prompt"))
+    check_resources(config)
+    return Checked(npd=npd, summary_extra=_teacher_facts(teacher_paths))
+
+
+def check_model_path(field_name: str, path: str | None) -> str:
+    """A local model directory must exist and hold a config; a hub id (org/name) is left to verl."""
+    if not path:
+        raise PreflightError(f"{field_name} is not set")
+    expanded = os.path.expanduser(str(path))
+    looks_local = expanded.startswith((os.sep, ".")) or os.path.exists(expanded)
+    if not looks_local:
+        return str(path)
+    if not os.path.isdir(expanded):
+        raise PreflightError(f"{field_name}: model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(expanded, "config.json")):
+        raise PreflightError(f"{field_name}: {path!r} has no config.json, so it is not a Hugging Face model directory")
+    return expanded
+
+
+def check_same_vocabulary(student_path: str, teacher_path: str, field_name: str, trust_remote_code: bool) -> None:
+    """Distillation compares teacher and student distributions token by token: same vocabulary."""
+    from transformers import AutoTokenizer
+
+    def load(path: str, which: str):
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - any load failure is reported with the path
+            raise PreflightError(f"cannot load the {which} tokenizer from {path!r}: {e}") from None
+
+    student, teacher = load(student_path, "student"), load(teacher_path, "teacher")
+    if len(student) != len(teacher) or student.get_vocab() != teacher.get_vocab():
+        raise PreflightError(
+            f"{field_name}: teacher and student vocabularies differ (teacher {len(teacher)} tokens, "
+            f"student {len(student)} tokens); NPD needs one shared tokenizer"
+        )
+    for token in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(student, token) != getattr(teacher, token):
+            raise PreflightError(
+                f"{field_name}: teacher and student disagree on {token} "
+                f"(teacher {getattr(teacher, token)}, student {getattr(student, token)})"
+            )
+
+
+def check_data_files(field_name: str, files, prompt_key: str) -> None:
+    import pyarrow.parquet as pq
+
+    paths = [files] if isinstance(files, str) else list(files)
+    if not paths:
+        raise PreflightError(f"{field_name} is empty")
+    for path in paths:
+        expanded = os.path.expanduser(str(path))
+        if not os.path.isfile(expanded):
+            raise PreflightError(f"{field_name}: data file {path!r} does not exist")
+        try:
+            parquet = pq.ParquetFile(expanded)
+        except Exception as e:  # noqa: BLE001
+            raise PreflightError(f"{field_name}: cannot read {path!r} as parquet: {e}") from None
+        if parquet.metadata.num_rows == 0:
+            raise PreflightError(f"{field_name}: {path!r} has no rows")
+        columns = parquet.schema_arrow.names
+        if prompt_key not in columns:
+            raise PreflightError(
+                f"{field_name}: {path!r} has no prompt column {prompt_key!r} (data.prompt_key); columns: {columns}"
+            )
+
+
+def check_resources(config: DictConfig) -> None:
+    """verl asks Ray for one GPU (logical on CPU) per trainer and teacher worker."""
+    from verl.utils.device import get_device_name
+
+    needed = config.trainer.n_gpus_per_node * config.trainer.nnodes
+    needed += config.distillation.n_gpus_per_node * config.distillation.nnodes
+    if get_device_name() == "cpu":
+        declared = config.get("ray_kwargs", {}).get("ray_init", {}).get("num_gpus")
+        if declared is None or declared < needed:
+            raise PreflightError(
+                f"this CPU run needs {needed} logical GPUs (trainer.n_gpus_per_node * trainer.nnodes + "
+                f"distillation.n_gpus_per_node * distillation.nnodes) but ray_kwargs.ray_init.num_gpus is "
+                f"{declared}; set +ray_kwargs.ray_init.num_gpus={needed}"
+            )
+        return
+    if config.trainer.nnodes == 1 and config.distillation.nnodes <= 1:
+        import torch
+
+        available = torch.cuda.device_count()
+        if available < needed:
+            raise PreflightError(
+                f"this run needs {needed} GPUs (trainer {config.trainer.n_gpus_per_node} + teacher "
+                f"{config.distillation.n_gpus_per_node}) but this node has {available}"
+            )
+
+
+def _teacher_facts(teacher_paths: dict[str, str]) -> dict[str, Any]:
+    from verl_npd.toy.resolvers import known_teacher_accuracy
+
+    accuracies = [known_teacher_accuracy(path) for path in teacher_paths.values()]
+    return {"teacher_accuracy": accuracies[0] if len(accuracies) == 1 else None}

@@ -1,0 +1,136 @@
+"""The end-of-run summary: what a user reads first. The same numbers go to the console (a table),
+``summary.json``, ``metrics.jsonl`` (one line per step) and ``accuracy.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def validation_accuracy(val_metrics: dict[str, float]) -> float | None:
+    """verl's core validation number: the mean reward at @1 of the first data source (for the toy
+    task, reward 1 is an exactly right answer, so this is accuracy)."""
+    keys = sorted(k for k in val_metrics if k.startswith("val-core/") and "/mean@" in k)
+    return float(val_metrics[keys[0]]) if keys else None
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.start = time.monotonic()
+        self.history: list[dict[str, float]] = []
+        self.validations: list[dict[str, float]] = []
+        self.initial_accuracy: float | None = None
+        self._metrics_file = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def record_validation(self, step: int, val_metrics: dict[str, float], initial: bool = False) -> None:
+        accuracy = validation_accuracy(val_metrics)
+        if initial:
+            self.initial_accuracy = accuracy
+        self.validations.append({"step": step, "wall_s": self.elapsed(), "accuracy": accuracy})
+
+    def record_step(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, "wall_s": self.elapsed(), **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+
+    def finish(self, steps_run: int, buffer_counters: dict[str, float]) -> dict[str, Any]:
+        self._metrics_file.close()
+        wall = self.elapsed()
+        train_s = sum(r.get("timing/train", 0.0) for r in self.history)
+        tokens = sum(r.get("perf/train_tokens", 0.0) for r in self.history)
+        wait_s = sum(r.get("timing/wait_gen", 0.0) for r in self.history)
+        final = self.validations[-1]["accuracy"] if self.validations else None
+        result = {
+            "student_accuracy_before": self.initial_accuracy,
+            "student_accuracy_after": final,
+            **self.extra,
+            "steps": steps_run,
+            "wall_time_s": wall,
+            "trainer_tokens_per_s": tokens / train_s if train_s else None,
+            "trainer_wait_share": wait_s / wall if wall else None,
+            "packing_efficiency": _mean_of(self.history, "npd/packing_efficiency"),
+            "kept_fraction": _mean_of(self.history, "npd/kept_fraction"),
+            "staleness_max": max((r.get("npd/staleness_max", 0.0) for r in self.history), default=None),
+            "staleness_mean": _mean_of(self.history, "npd/staleness_mean"),
+            "buffer": buffer_counters,
+            "validations": self.validations,
+        }
+        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        self._plot()
+        return result
+
+    def _plot(self) -> None:
+        points = [v for v in self.validations if v["accuracy"] is not None]
+        if len(points) < 2:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p["wall_s"] for p in points], [p["accuracy"] for p in points], marker="o", label="student")
+        if self.extra.get("teacher_accuracy") is not None:
+            ax.axhline(self.extra["teacher_accuracy"], linestyle="--", color="gray", label="teacher")
+        ax.set_xlabel("wall-clock (s)")
+        ax.set_ylabel("validation accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.output_dir, "accuracy.png"), dpi=120)
+        plt.close(fig)
+
+
+def format_summary(result: dict[str, Any], output_dir: str) -> str:
+    rows = [
+        ("student accuracy before", _pct(result.get("student_accuracy_before"))),
+        ("student accuracy after", _pct(result.get("student_accuracy_after"))),
+        ("teacher accuracy", _pct(result.get("teacher_accuracy"))),
+        ("steps", str(result["steps"])),
+        ("wall time", f"{result['wall_time_s']:.1f} s"),
+        ("trainer tokens/s", _num(result.get("trainer_tokens_per_s"), "{:.0f}")),
+        ("trainer wait share", _pct(result.get("trainer_wait_share"))),
+        ("packing efficiency", _pct(result.get("packing_efficiency"))),
+        ("kept fraction", _pct(result.get("kept_fraction"))),
+        ("max staleness", _num(result.get("staleness_max"), "{:.0f}")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["", "=" * (width + 14), "NPD run summary", "-" * (width + 14)]
+    lines += [f"{name:<{width}}  {value:>10}" for name, value in rows]
+    lines += ["-" * (width + 14), f"written to {output_dir}/summary.json", ""]
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _mean_of(history: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in history if key in r and r[key] == r[key]]
+    return float(np.mean(values)) if values else None
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
