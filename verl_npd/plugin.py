@@ -8,8 +8,13 @@ traceback, and the others still run.
 
 import importlib
 import logging
+import warnings
 
 logger = logging.getLogger("verl_npd")
+
+# verl/workers/engine/__init__.py warns in every process about each optional engine backend that is
+# not installed (megatron, torchtitan, veomni, ...); dozens of identical lines that bury real output.
+warnings.filterwarnings("ignore", message=r".* engine is not available: .*", category=UserWarning)
 
 # Each module exposes ``register()``; the order matters only for the platform, which must be in
 # place before any other module asks verl for the device name.

@@ -288,8 +288,9 @@ class AsyncRolloutManager:
             prompt=prompt,
             response_ids=response_ids,
             rollout_log_probs=[float(x) for x in (output.log_probs or [])],
-            # A sync may land while a request runs; the version the server reports is then newer.
-            version=version if served_version is None else max(version, int(served_version)),
+            # The version the server reports having generated with (a sync may land between the
+            # reservation and the request); backends that report none fall back to the reservation's.
+            version=version if served_version is None else int(served_version),
             teacher_topk_ids=topk_ids,
             teacher_topk_log_probs=topk_log_probs,
             teacher_cond=teacher_full[n_prompt - 1 :],

@@ -198,6 +198,8 @@ class NearPolicyTrainer(RayPPOTrainer):
             "timing/step": time.perf_counter() - step_start,
             "perf/train_tokens_per_s": sum(lengths) / train_s,
             "perf/train_tokens": float(sum(lengths)),
+            "npd/behaviour_version_min": float(min(s.version for s in taken.samples)),
+            "npd/behaviour_version_max": float(max(s.version for s in taken.samples)),
             "npd/staleness_mean": float(np.mean(taken.staleness)),
             "npd/staleness_max": float(np.max(taken.staleness)),
             "npd/dropped_stale": float(taken.dropped_stale),
