@@ -133,7 +133,9 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.buffer.set_rollout_version(self.global_steps)
 
         if self.config.trainer.get("val_before_train", True):
-            summary.record_validation(self.global_steps, self._validate(), initial=True)
+            val_metrics = self._validate()
+            summary.record_validation(self.global_steps, val_metrics, initial=True)
+            tracker.log(data=val_metrics, step=self.global_steps)
 
         self.rollout_manager = self._build_rollout_manager()
         self.rollout_manager.start()

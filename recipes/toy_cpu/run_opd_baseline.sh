@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# bash recipes/toy_cpu/run_opd_baseline.sh [hydra overrides...]
+#
+# verl's built-in on-policy distillation of the toy student from the toy teacher on this machine's
+# CPU, through verl's own entry point (the baseline NPD is compared against). Extra arguments are
+# Hydra overrides, e.g. trainer.total_training_steps=5.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+exec python -m verl.trainer.main_ppo --config-path "$here/config" --config-name opd_baseline "$@"
