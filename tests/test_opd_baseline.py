@@ -24,7 +24,7 @@ def test_verl_main_ppo_distils_on_cpu(toy_world, tmp_path):
             *RECIPE,
             "trainer.total_training_steps=3",
             "trainer.test_freq=3",
-            "+data.val_max_samples=64",
+            "data.val_max_samples=64",
             f"trainer.default_local_dir={tmp_path / 'ckpt'}",
         ],
         timeout=900,
