@@ -70,7 +70,7 @@ def test_problems_deterministic_distinct_and_splits_disjoint():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("47+86=133. 133-29=104. Answer: 104", 1.0),
+        ("47+86=133. 133-29=104. Answer: 104", 1.0),  # only the answer is checked
         ("Answer: 104", 1.0),
         ("47+86=133. 133-29=104. Answer: 105", 0.0),  # wrong
         ("47+86=133. 133-29=104. Answer: 1040", 0.0),  # wrong, longer number
@@ -106,10 +106,10 @@ def test_reward_loads_the_verl_way():
     assert fn(data_source="openai/gsm8k", solution_str="so #### 72", ground_truth="72") == 1.0
 
 
-def test_plugin_registration_is_cheap():
-    """``verl_npd.plugin`` imports the toy reward in every verl process: it must not pull torch in."""
+def test_reward_import_is_cheap():
+    """verl's reward workers import the reward module by name: it must not pull torch in."""
     code = (
-        "import sys; import verl_npd.toy; import verl_npd.toy.reward as r; r.register(); "
+        "import sys; import verl_npd.toy; import verl_npd.toy.reward; "
         "heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -170,11 +170,29 @@ def test_world_files_and_model_shapes(world, tokenizer):
         assert os.path.exists(os.path.join(model_dir, "model.safetensors"))
         assert os.path.exists(os.path.join(model_dir, "tokenizer.json"))
     teacher, student = configs[world.teacher_dir], configs[world.student_dir]
+    assert not teacher.tie_word_embeddings and not student.tie_word_embeddings
     assert student.hidden_size < teacher.hidden_size and student.num_hidden_layers <= teacher.num_hidden_layers
 
     manifest = manifest_of(world)
     assert manifest["teacher"]["parameters"] > 2 * manifest["student"]["parameters"]
     assert world.teacher_accuracy == manifest["teacher"]["accuracy"]
+
+
+def test_model_dir_tokenizers_match(world, tokenizer):
+    """verl loads the tokenizer from the model path, where transformers picks Qwen2Tokenizer because
+    of the qwen2 config: it must encode exactly like the tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    problems = generate_problems(100, seed=6, split="val")
+    messages = [[{"role": "user", "content": p.prompt}] for p in problems]
+    for model_dir in (world.teacher_dir, world.student_dir):
+        other = AutoTokenizer.from_pretrained(model_dir)
+        assert len(other) == len(tokenizer) and other.eos_token_id == tokenizer.eos_token_id
+        for p, m in zip(problems, messages):
+            assert other(p.response)["input_ids"] == tokenizer(p.response)["input_ids"]
+            assert other.apply_chat_template(m, add_generation_prompt=True, tokenize=False) == (
+                tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+            )
 
 
 def test_world_is_cached(world):

@@ -9,8 +9,8 @@ class, not the score function. The supported way to add a task's reward is the c
     reward.custom_reward_function.name=compute_score
 
 (``pkg://`` makes verl import this module by name, so the path works wherever verl-npd is
-installed; see ``verl.utils.import_utils.load_module``). ``register()`` is therefore a no-op.
-This module stays import-light (no torch): the reward workers and the plugin import it.
+installed; see ``verl.utils.import_utils.load_module``).
+This module stays import-light (no torch): verl's reward workers import it.
 """
 
 from verl_npd.toy.task import DATA_SOURCE, score
@@ -42,7 +42,3 @@ def reward_overrides() -> list[str]:
         f"reward.custom_reward_function.path={reward_function_path()}",
         f"reward.custom_reward_function.name={REWARD_FUNCTION_NAME}",
     ]
-
-
-def register() -> None:
-    """No-op, called by ``verl_npd.plugin``: verl has no score-function registry (see module doc)."""
