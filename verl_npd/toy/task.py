@@ -1,11 +1,11 @@
-"""The toy task: short chains of 2-digit additions and subtractions with a worked answer.
+"""The toy task: a 2-digit number plus or minus one or two 1-digit numbers, with a worked answer.
 
-Prompt:   "Compute 47+86-29."
-Response: "47+86=133. 133-29=104. Answer: 104"
+Prompt:   "Compute 47+8-6."
+Response: "47+8=55. 55-6=49. Answer: 49"
 
-Every character is one token (see tokenizer.py), so the model has to learn digit-level carries and
-borrows; the worked steps make each step a local computation a tiny transformer can learn, and the
-mix of 2- and 3-operand problems gives a smooth learning curve instead of a single jump.
+Every digit is one token (see tokenizer.py), so the model has to learn digit-level carries and
+borrows; writing each intermediate result makes every step a local computation that a tiny
+transformer can learn. About 27k distinct train and 3.8k val problems exist.
 Pure Python on purpose: the reward and the data generation must not import torch.
 """
 
