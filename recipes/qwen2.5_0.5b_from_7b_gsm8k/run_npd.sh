@@ -10,14 +10,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root
 
-if [[ " $* " != *" data.train_files="* && " $* " != *" data.val_files="* ]]; then
-    for f in "$HOME"/data/gsm8k/{train,test}.parquet; do
-        if [[ ! -f "$f" ]]; then
-            echo "missing $f: prepare the data with verl's scripts first (recipes/README.md, 'Data')" >&2
-            exit 1
-        fi
-    done
-fi
+source recipes/require_data.sh
+require_data "$HOME"/data/gsm8k/{train,test}.parquet -- "$@"
 
 set -x
 python -m verl_npd.main_npd --config-path "$PWD/recipes/qwen2.5_0.5b_from_7b_gsm8k/config" --config-name npd "$@"

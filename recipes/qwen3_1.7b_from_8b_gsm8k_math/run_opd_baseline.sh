@@ -11,14 +11,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root
 
-if [[ " $* " != *" data.train_files="* && " $* " != *" data.val_files="* ]]; then
-    for f in "$HOME"/data/gsm8k/{train,test}.parquet "$HOME"/data/math/{train,test}.parquet; do
-        if [[ ! -f "$f" ]]; then
-            echo "missing $f: prepare the data with verl's scripts first (recipes/README.md, 'Data')" >&2
-            exit 1
-        fi
-    done
-fi
+source recipes/require_data.sh
+require_data "$HOME"/data/gsm8k/{train,test}.parquet "$HOME"/data/math/{train,test}.parquet -- "$@"
 
 set -x
 python -m verl.trainer.main_ppo --config-path "$PWD/recipes/qwen3_1.7b_from_8b_gsm8k_math/config" --config-name opd_baseline "$@"
