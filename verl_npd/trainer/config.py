@@ -51,8 +51,6 @@ class BufferConfig:
     def __post_init__(self):
         if self.capacity < 1:
             raise ValueError(f"npd.buffer.capacity must be >= 1, got {self.capacity}")
-        if self.max_staleness < 0:
-            raise ValueError(f"npd.buffer.max_staleness must be >= 0, got {self.max_staleness}")
         if self.stale_policy not in ("wait", "drop"):
             raise ValueError(f"npd.buffer.stale_policy must be 'wait' or 'drop', got {self.stale_policy!r}")
 

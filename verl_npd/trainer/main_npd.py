@@ -74,18 +74,14 @@ def run_npd(config: DictConfig) -> dict:
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
-    checked = preflight(config)
+    preflight(config)
     output_dir = os.path.abspath(config.npd.output_dir)
     # verl's tensorboard backend writes to $TENSORBOARD_DIR (default ./tensorboard_log); keep a run's
     # event files with the rest of its outputs. Ray workers inherit the driver's environment.
     os.environ.setdefault("TENSORBOARD_DIR", os.path.join(output_dir, "tensorboard"))
     run_ppo(config, task_runner_class=NPDTaskRunner)
-    summary_path = os.path.join(output_dir, "summary.json")
-    with open(summary_path) as f:
+    with open(os.path.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
-    summary.update(checked.summary_extra)
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=2)
     print(format_summary(summary, output_dir))
     return summary
 

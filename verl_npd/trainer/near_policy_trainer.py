@@ -125,7 +125,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             default_backend=self.config.trainer.logger,
             config=OmegaConf.to_container(self.config, resolve=True),
         )
-        summary = RunSummary(output_dir=self.output_dir)
+        summary = RunSummary(output_dir=self.output_dir, extra={"teacher_accuracy": self._teacher_accuracy()})
         self.global_steps = 0
         self._load_checkpoint()
         first_step = self.global_steps
@@ -177,6 +177,13 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
         return result
+
+    def _teacher_accuracy(self) -> float | None:
+        """Known only for the toy world's teacher (measured when it was built)."""
+        from verl_npd.toy.resolvers import known_teacher_accuracy
+
+        teachers = list(self.config.distillation.teacher_models.values())
+        return known_teacher_accuracy(teachers[0].model_path) if len(teachers) == 1 else None
 
     def _sync_weights(self, step: int) -> float:
         start = time.perf_counter()

@@ -4,9 +4,6 @@ one line naming the field, file or row, instead of failing deep inside a worker 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -14,19 +11,13 @@ class PreflightError(ValueError):
     """A configuration or input problem found before the run started."""
 
 
-@dataclass
-class Checked:
-    npd: Any
-    summary_extra: dict[str, Any] = field(default_factory=dict)
-
-
-def preflight(config: DictConfig) -> Checked:
+def preflight(config: DictConfig) -> None:
     from verl_npd.trainer.config import NPDConfig
 
     if "npd" not in config:
         raise PreflightError("the config has no 'npd' section; start from verl_npd/config/npd_trainer.yaml")
     try:
-        npd = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
+        NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
     except (ValueError, TypeError) as e:
         raise PreflightError(f"invalid config: {e}") from None
     if not config.distillation.enabled:
@@ -45,7 +36,6 @@ def preflight(config: DictConfig) -> Checked:
     check_data_files("data.train_files", config.data.train_files, config.data.get("prompt_key", "prompt"))
     check_data_files("data.val_files", config.data.val_files, config.data.get("prompt_key", "prompt"))
     check_resources(config)
-    return Checked(npd=npd, summary_extra=_teacher_facts(teacher_paths))
 
 
 def check_model_path(field_name: str, path: str | None) -> str:
@@ -134,10 +124,3 @@ def check_resources(config: DictConfig) -> None:
                 f"this run needs {needed} GPUs (trainer {config.trainer.n_gpus_per_node} + teacher "
                 f"{config.distillation.n_gpus_per_node}) but this node has {available}"
             )
-
-
-def _teacher_facts(teacher_paths: dict[str, str]) -> dict[str, Any]:
-    from verl_npd.toy.resolvers import known_teacher_accuracy
-
-    accuracies = [known_teacher_accuracy(path) for path in teacher_paths.values()]
-    return {"teacher_accuracy": accuracies[0] if len(accuracies) == 1 else None}
