@@ -10,6 +10,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Small and fast main_npd runs: 16 prompts per step, validation on 64 prompts.
+FAST = ["data.train_batch_size=16", "data.val_max_samples=64", "trainer.logger=[console]"]
+
 
 @pytest.fixture(scope="session")
 def toy_world():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from verl_npd.rollout.buffer import NearPolicyBuffer, Sample, check_staleness_bound
+from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer, Sample, check_staleness_bound
 
 
 def run_pipeline(buffer: NearPolicyBuffer, steps: int, sync_interval: int, chunk: int, filter_every: int = 0):
@@ -169,6 +169,19 @@ def test_close_wakes_waiters_with_a_clear_error():
     buffer.close(RuntimeError("rollout worker died"))
     thread.join(timeout=5)
     assert "rollout worker died" in str(result["error"])
+
+
+def test_close_during_a_partial_take_keeps_the_partial_batch_and_counts_drops():
+    buffer = NearPolicyBuffer(capacity=8, max_staleness=0, batch_size=4, stale_policy="drop")
+    buffer.acquire(4)
+    buffer.put([Sample(uid="stale", version=0)] + [Sample(uid=str(i), version=1) for i in range(3)], reserved=4)
+    threading.Timer(0.1, buffer.close).start()
+    with pytest.raises(BufferClosed):
+        buffer.take(4, trainer_version=1)  # takes 3, drops 1, then waits for a 4th
+    assert [s.uid for s in buffer.snapshot()[0]] == ["0", "1", "2"]
+    c = buffer.counters
+    assert (c.dropped_stale, c.consumed) == (1, 0)
+    assert c.generated - c.filtered == c.consumed + c.dropped_stale + buffer.queued
 
 
 @pytest.mark.parametrize(

@@ -144,6 +144,7 @@ class AsyncRolloutManager:
         max_waves_in_flight: int,
         request_timeout_s: float,
         max_retries: int,
+        seed: int,
     ):
         self.student_client = student_client
         self.teacher_topk_scorer = teacher_topk_scorer
@@ -159,6 +160,7 @@ class AsyncRolloutManager:
         self.max_waves_in_flight = max_waves_in_flight
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
+        self.seed = seed
 
         self._lock = threading.Lock()
         self._in_flight_positions: set[int] = set()
@@ -187,24 +189,25 @@ class AsyncRolloutManager:
         self._loop = asyncio.new_event_loop()
         try:
             self._loop.run_until_complete(self._generate_forever())
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, BufferClosed):
             pass
-        except BufferClosed:
-            pass
-        except BaseException as e:  # reported to the trainer through the buffer
-            self.error = e
-            logger.error("verl-npd: the rollout manager failed: %r", e)
-            self.buffer.close(e)
+        except BaseException as e:
+            self._fail(e)
         finally:
             self._loop.close()
 
+    def _fail(self, error: BaseException) -> None:
+        """Report a failure to the trainer at once: closing the buffer wakes a trainer waiting for
+        samples and this thread waiting for room (either could otherwise wait forever)."""
+        if self.error is None:
+            self.error = error
+            logger.error("verl-npd: the rollout manager failed: %r", error)
+        self.buffer.close(error)
+
     async def _generate_forever(self) -> None:
         waves = asyncio.Semaphore(self.max_waves_in_flight)
-        failures: asyncio.Queue[BaseException] = asyncio.Queue()
         reserve = self.wave_size * self.samples_per_prompt
         while not self._stopping:
-            if not failures.empty():
-                raise failures.get_nowait()
             await waves.acquire()
             try:
                 version = await asyncio.to_thread(self.buffer.acquire, reserve)
@@ -218,8 +221,8 @@ class AsyncRolloutManager:
 
             def on_done(t: asyncio.Task) -> None:
                 waves.release()
-                if not t.cancelled() and t.exception() is not None:
-                    failures.put_nowait(t.exception())
+                if not t.cancelled() and t.exception() is not None and not self._stopping:
+                    self._fail(t.exception())
 
             task.add_done_callback(on_done)
 
@@ -229,7 +232,7 @@ class AsyncRolloutManager:
         start = time.monotonic()
         prompts = [self.prompt_fn(p) for p in positions]
         generated = await asyncio.gather(
-            *[self._generate_sample(prompt, version) for prompt in prompts for _ in range(self.samples_per_prompt)]
+            *[self._generate_sample(prompt, j, version) for prompt in prompts for j in range(self.samples_per_prompt)]
         )
         decision = self._filter(generated)
         kept = [
@@ -255,12 +258,18 @@ class AsyncRolloutManager:
         behaviour = scores([g.rollout_log_probs for g in generated], [g.behaviour_uncond for g in generated])
         return self.sample_filter(teacher=teacher, behaviour=behaviour)
 
-    async def _generate_sample(self, prompt: PromptItem, version: int) -> GeneratedSample:
+    def sampling_seed(self, position: int, sample_index: int) -> int:
+        """Each sample draws from its own seeded generator (vLLM's per-request ``seed``), so what
+        it samples does not depend on which requests share its batch: a prompt re-issued after a
+        resume gets the same response from the same weights."""
+        return int(np.random.SeedSequence([self.seed, position, sample_index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+    async def _generate_sample(self, prompt: PromptItem, sample_index: int, version: int) -> GeneratedSample:
         t0 = time.monotonic()
         output = await self._request(
             self.student_client,
             prompt.prompt_ids,
-            dict(self.sampling_params, logprobs=True),
+            dict(self.sampling_params, logprobs=True, seed=self.sampling_seed(prompt.position, sample_index)),
             f"rollout request for prompt #{prompt.position}",
         )
         response_ids = list(output.token_ids)

@@ -198,20 +198,21 @@ class NearPolicyBuffer:
                     sample = self._queue.popleft()
                     if trainer_version - sample.version > self.max_staleness:
                         dropped += 1
+                        self.counters.dropped_stale += 1
                     else:
                         taken.append(sample)
                 if len(taken) == n:
                     break
-                self._raise_if_closed()
-                self._cond.notify_all()
                 remaining = None if timeout is None else timeout - (time.monotonic() - start)
-                if remaining is not None and remaining <= 0:
+                if self._closed is not None or (remaining is not None and remaining <= 0):
+                    # Give the partial batch back: a checkpoint taken after this must still hold it.
                     self._queue.extendleft(reversed(taken))
+                    self._raise_if_closed()
                     raise TimeoutError(f"waited {timeout:.1f}s for {n} samples, got {len(taken)}")
+                self._cond.notify_all()
                 self._cond.wait(remaining)
             self._next_consume_version = trainer_version + 1
             self.counters.consumed += len(taken)
-            self.counters.dropped_stale += dropped
             wait_s = time.monotonic() - start
             self.counters.consumer_wait_s += wait_s
             self._cond.notify_all()

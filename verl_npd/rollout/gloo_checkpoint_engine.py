@@ -10,14 +10,15 @@ separate-async training) all need an accelerator transport: ``nccl`` (cupy), ``h
 Flow, as driven by ``CheckpointEngineManager.update_weights`` (verl/checkpoint_engine/base.py):
 
 1. ``prepare`` on every actor and rollout worker. Actor rank 0 (``is_master``) opens the rendezvous:
-   a ``TCPStore`` listening on a free port of its node's IP (``ray.util.get_node_ip_address()``),
-   and nowhere else. Every worker reports its node IP and the group it still holds, if any.
+   a ``TCPStore`` listening on a free port of loopback (one-node cluster) or of its node's IP
+   (``ray.util.get_node_ip_address()``, several nodes), and nowhere else. Every worker reports its
+   listen address and the group it still holds, if any.
 2. ``build_topology`` (driver): actor rank 0 is group rank 0, the rollout workers are ranks
    1..R; every other actor rank gets -1 and stays out of the group, as in the nccl engine's
    single-sender mode. A group id names the rendezvous.
 3. ``init_process_group``: ranks >= 0 build a ``ProcessGroupGloo`` (not c10d's default group, which
    the trainer and ``CheckpointEngineWorker`` already own) over that store, each binding gloo's
-   sockets on its own node IP.
+   sockets on the same kind of address (loopback, or its own node IP).
 4. ``send_weights`` on the actor workers: rank 0 packs ``get_per_tensor_param()`` into buckets of at
    most ``update_weights_bucket_megabytes`` (a tensor larger than a bucket travels in bucket-sized
    chunks) and broadcasts each as a 3-int64 header and one uint8 payload: a JSON table of
@@ -113,7 +114,7 @@ class GroupState:
 class WorkerMetadata:
     """What ``prepare`` reports for ``build_topology``; only actor rank 0 fills ``master``.
 
-    ``ip`` (the worker's node) is only logged: each rank binds gloo on its own node's IP itself.
+    ``ip`` (the worker's listen address) is only logged: each rank binds gloo on its own.
     """
 
     ip: str
@@ -121,8 +122,12 @@ class WorkerMetadata:
     master: Optional[MasterEndpoint] = None
 
 
-def _node_ip() -> str:
-    return ray.util.get_node_ip_address().strip("[]")
+def _listen_ip() -> str:
+    """Loopback while the Ray cluster is one node (nothing else must reach our sockets); the
+    node's IP, which peers on other nodes can reach, once the cluster has several."""
+    if ray.is_initialized() and sum(node["Alive"] for node in ray.nodes()) > 1:
+        return ray.util.get_node_ip_address().strip("[]")
+    return "127.0.0.1"
 
 
 @CheckpointEngineRegistry.register(BACKEND)
@@ -178,11 +183,11 @@ class GlooCheckpointEngine(CheckpointEngine):
                 self._drop_group()
                 self._open_store()
             master = self._endpoint
-        return WorkerMetadata(ip=_node_ip(), group=self._group_state, master=master)
+        return WorkerMetadata(ip=_listen_ip(), group=self._group_state, master=master)
 
     def _open_store(self) -> None:
-        """Host the rendezvous store on a free port of this node's IP, bound to that address only."""
-        ip = _node_ip()
+        """Host the rendezvous store on a free port of the listen address, bound to that address only."""
+        ip = _listen_ip()
         family = socket.AF_INET6 if is_valid_ipv6_address(ip) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -264,8 +269,8 @@ class GlooCheckpointEngine(CheckpointEngine):
 
         options = dist.ProcessGroupGloo._Options()
         options._timeout = self.timeout
-        # Gloo's sockets bind this node's IP, the address the peers can reach it on.
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=_node_ip())]
+        # Gloo's sockets bind the listen address, which the peers can reach.
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=_listen_ip())]
         store = dist.PrefixStore(f"{BACKEND}/{group_id}", self._store)
         start = time.perf_counter()
         self._group = dist.ProcessGroupGloo(store, rank, world_size, options)

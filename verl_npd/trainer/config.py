@@ -122,6 +122,10 @@ class NPDConfig:
     output_dir: str = field(
         default="outputs/npd", metadata={"help": "Where summary.json, the metrics history and plots are written."}
     )
+    shutdown_timeout_s: float = field(
+        default=600.0,
+        metadata={"help": "On SIGTERM/SIGINT, seconds to finish the current step and checkpoint before exiting."},
+    )
     buffer: BufferConfig = field(default_factory=BufferConfig)
     adaptive_sync: AdaptiveSyncConfig = field(default_factory=AdaptiveSyncConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -131,6 +135,8 @@ class NPDConfig:
     def __post_init__(self):
         if self.total_steps < 1:
             raise ValueError(f"npd.total_steps must be >= 1, got {self.total_steps}")
+        if self.shutdown_timeout_s <= 0:
+            raise ValueError(f"npd.shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
         check_staleness_bound(self.sync_interval, self.buffer.max_staleness)
         if self.filter.mode == "student_lag":
             raise ValueError(

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 
 import hydra
 import ray
@@ -25,9 +27,18 @@ from verl_npd.trainer.preflight import PreflightError, preflight
 from verl_npd.trainer.summary import format_summary
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # a second thread takes request_stop() while run() trains
 class NPDTaskRunner:
     """Builds verl's workers and the near-policy trainer inside Ray, like verl's ``TaskRunner``."""
+
+    def __init__(self):
+        self.stop_requested = threading.Event()
+        self.trainer = None
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+        if self.trainer is not None:
+            self.trainer.request_stop()
 
     def run(self, config: DictConfig) -> dict:
         from verl.trainer.main_ppo_v0 import BaseTaskRunner
@@ -63,9 +74,58 @@ class NPDTaskRunner:
             collate_fn=collate_fn,
             train_sampler=create_rl_sampler(config.data, datasets["train"]),
             npd_config=NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True)),
+            stop_requested=self.stop_requested,
         )
+        self.trainer = trainer
         trainer.init_workers()
         return trainer.fit()
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT of the driver: ask the trainer to finish its step, checkpoint and return;
+    exit with 128 + the signal's number. A second signal, or no answer within ``timeout_s``,
+    exits at once (the last periodic checkpoint stays usable: checkpoints are written atomically).
+
+    Passed to verl's ``run_ppo`` as its task runner class: ``run_ppo`` calls ``.remote()`` on it
+    after ``ray.init``, which is where the runner's handle is kept and the handlers installed.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.runner = None
+        self.signum: int | None = None
+        self._signalled = threading.Event()
+
+    def remote(self):
+        self.runner = NPDTaskRunner.remote()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        # Ray calls are made from this thread, never from inside the signal handler.
+        threading.Thread(target=self._forward_stop, name="npd-graceful-stop", daemon=True).start()
+        return self.runner
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            print(f"verl-npd: second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        self._signalled.set()
+
+    def _forward_stop(self) -> None:
+        self._signalled.wait()
+        name = signal.Signals(self.signum).name
+        print(
+            f"verl-npd: {name}: finishing the current step and writing a checkpoint "
+            f"(up to {self.timeout_s:.0f}s; send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.runner.request_stop.remote()
+        threading.Timer(self.timeout_s, self._give_up).start()
+
+    def _give_up(self) -> None:
+        print(f"verl-npd: no checkpoint after {self.timeout_s:.0f}s: exiting", file=sys.stderr, flush=True)
+        os._exit(128 + self.signum)
 
 
 def run_npd(config: DictConfig) -> dict:
@@ -79,10 +139,16 @@ def run_npd(config: DictConfig) -> dict:
     # verl's tensorboard backend writes to $TENSORBOARD_DIR (default ./tensorboard_log); keep a run's
     # event files with the rest of its outputs. Ray workers inherit the driver's environment.
     os.environ.setdefault("TENSORBOARD_DIR", os.path.join(output_dir, "tensorboard"))
-    run_ppo(config, task_runner_class=NPDTaskRunner)
+    graceful = GracefulStop(timeout_s=config.npd.shutdown_timeout_s)
+    run_ppo(config, task_runner_class=graceful)
     with open(os.path.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
     print(format_summary(summary, output_dir))
+    if graceful.signum is not None:
+        name = signal.Signals(graceful.signum).name
+        print(f"verl-npd: stopped by {name} after step {summary['last_checkpoint_step']}; checkpoint saved, "
+              f"run the same command again to resume", file=sys.stderr)
+        sys.exit(128 + graceful.signum)
     return summary
 
 
@@ -93,6 +159,10 @@ def main(config: DictConfig) -> None:
     except PreflightError as e:
         print(f"verl-npd: {e}", file=sys.stderr)
         sys.exit(2)
+    except ray.exceptions.RayTaskError as e:
+        # The traceback was logged above by Ray; end with the cause on one line.
+        print(f"verl-npd: the run failed: {e.cause!r}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

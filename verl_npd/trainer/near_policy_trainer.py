@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -40,7 +41,7 @@ from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
 from verl_npd.platform.verl_patches import MICRO_BATCH_KEY
 from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
 from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
-from verl_npd.rollout.buffer import NearPolicyBuffer
+from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig
 from verl_npd.trainer.summary import RunSummary
@@ -50,9 +51,11 @@ logger = logging.getLogger("verl_npd")
 
 
 class NearPolicyTrainer(RayPPOTrainer):
-    def __init__(self, *args, npd_config: NPDConfig, **kwargs):
+    def __init__(self, *args, npd_config: NPDConfig, stop_requested: threading.Event | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.npd = npd_config
+        self.stop_requested = stop_requested or threading.Event()
+        self._last_saved_step = 0
         rollout = self.config.actor_rollout_ref.rollout
         self.samples_per_step = self.config.data.train_batch_size * rollout.n
         self.buffer = NearPolicyBuffer(
@@ -111,6 +114,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             max_waves_in_flight=max(1, prompts_in_flight // wave_size),
             request_timeout_s=self.npd.generation.request_timeout_s,
             max_retries=self.npd.generation.max_retries,
+            seed=self.stream.seed,
         )
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -125,14 +129,16 @@ class NearPolicyTrainer(RayPPOTrainer):
             default_backend=self.config.trainer.logger,
             config=OmegaConf.to_container(self.config, resolve=True),
         )
-        summary = RunSummary(output_dir=self.output_dir, extra={"teacher_accuracy": self._teacher_accuracy()})
         self.global_steps = 0
         self._load_checkpoint()
         first_step = self.global_steps
+        summary = RunSummary(
+            output_dir=self.output_dir, resume_step=first_step, extra={"teacher_accuracy": self._teacher_accuracy()}
+        )
         self.checkpoint_manager.update_weights(self.global_steps)
         self.buffer.set_rollout_version(self.global_steps)
 
-        if self.config.trainer.get("val_before_train", True):
+        if self.config.trainer.get("val_before_train", True) and not self.stop_requested.is_set():
             val_metrics = self._validate()
             summary.record_validation(self.global_steps, val_metrics, initial=True)
             tracker.log(data=val_metrics, step=self.global_steps)
@@ -143,8 +149,13 @@ class NearPolicyTrainer(RayPPOTrainer):
         progress = tqdm(total=total, initial=self.global_steps, desc="NPD training", unit="step")
         last_sync_step = self.global_steps
         try:
-            while self.global_steps < total:
-                metrics = self._train_step()
+            while self.global_steps < total and not self.stop_requested.is_set():
+                try:
+                    metrics = self._train_step()
+                except BufferClosed:
+                    if self.stop_requested.is_set():
+                        break
+                    raise
                 step = self.global_steps
                 drift = metrics.get("npd/drift_kl")
                 adaptive = (
@@ -169,14 +180,40 @@ class NearPolicyTrainer(RayPPOTrainer):
                 summary.record_step(step, metrics)
                 tracker.log(data=metrics, step=step)
                 progress.update(1)
-        finally:
+        except BaseException as failure:
             progress.close()
             self.rollout_manager.stop()
+            self._save_on_the_way_out(f"the run failed ({failure!r})")
+            raise
+        progress.close()
+        self.rollout_manager.stop()
+        if self.stop_requested.is_set():
+            self._save_on_the_way_out("a stop was requested")
         result = summary.finish(
-            steps_run=self.global_steps - first_step, buffer_counters=self.buffer.counters.as_dict()
+            steps_run=self.global_steps - first_step,
+            buffer_counters=self.buffer.counters.as_dict(),
+            interrupted=self.stop_requested.is_set() and self.global_steps < total,
+            last_checkpoint_step=self._last_saved_step,
         )
         tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
         return result
+
+    def request_stop(self) -> None:
+        """Finish the step in progress (or abandon a wait for samples), checkpoint and return.
+        Called from another thread (the task runner's, on SIGTERM/SIGINT of the driver)."""
+        self.stop_requested.set()
+        self.buffer.close()
+
+    def _save_on_the_way_out(self, why: str) -> None:
+        """Checkpoint the steps trained since the last checkpoint, so a stop or a failure loses no
+        finished step. A failure to save is logged, never allowed to hide the original error."""
+        if self.global_steps == self._last_saved_step:
+            return
+        logger.warning("verl-npd: %s; saving a checkpoint at step %d", why, self.global_steps)
+        try:
+            self._save_checkpoint()
+        except Exception:
+            logger.exception("verl-npd: the checkpoint at step %d could not be saved", self.global_steps)
 
     def _teacher_accuracy(self) -> float | None:
         """Known only for the toy world's teacher (measured when it was built)."""
@@ -291,29 +328,70 @@ class NearPolicyTrainer(RayPPOTrainer):
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
-    def _npd_state_dir(self, step: int) -> str:
-        return os.path.join(self.config.trainer.default_local_dir, f"global_step_{step}", "npd")
+    # Our own save/load instead of RayPPOTrainer's: NPD has no dataloader (verl pickles its state
+    # to data.pt and loads it with torch.load(weights_only=False), ray_trainer.py:1114) and keeps
+    # its own state as json + safetensors; and the "latest checkpoint" marker must be written only
+    # once every part of the checkpoint is on disk, so that a kill at any moment leaves the previous
+    # checkpoint usable (verl writes it before we could add our part).
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(os.path.abspath(self.config.trainer.default_local_dir), f"global_step_{step}")
 
     def _save_checkpoint(self):
-        super()._save_checkpoint()
-        state_dir = self._npd_state_dir(self.global_steps)
+        trainer = self.config.trainer
+        step_dir = self._step_dir(self.global_steps)
+        remote = None if trainer.default_hdfs_dir is None else os.path.join(
+            trainer.default_hdfs_dir, f"global_step_{self.global_steps}", "actor"
+        )
+        self.actor_rollout_wg.save_checkpoint(
+            os.path.join(step_dir, "actor"),
+            remote,
+            self.global_steps,
+            max_ckpt_to_keep=trainer.get("max_actor_ckpt_to_keep", None),
+        )
+        state_dir = os.path.join(step_dir, "npd")
         os.makedirs(state_dir, exist_ok=True)
         samples, buffer_state = self.buffer.snapshot()
         save_samples(os.path.join(state_dir, "buffer"), samples)
         state = {"buffer": buffer_state, "stream": self.rollout_manager.state_dict(), "step": self.global_steps}
-        with open(os.path.join(state_dir, "state.json"), "w") as f:
-            json.dump(state, f)
+        _write_atomically(os.path.join(state_dir, "state.json"), json.dumps(state))
+        _write_atomically(
+            os.path.join(os.path.abspath(trainer.default_local_dir), "latest_checkpointed_iteration.txt"),
+            str(self.global_steps),
+        )
+        self._last_saved_step = self.global_steps
 
     def _load_checkpoint(self):
-        result = super()._load_checkpoint()
-        if self.global_steps > 0:
-            state_dir = self._npd_state_dir(self.global_steps)
-            with open(os.path.join(state_dir, "state.json")) as f:
-                state = json.load(f)
-            self.buffer.restore(load_samples(os.path.join(state_dir, "buffer")), state["buffer"])
-            self.stream.load_state_dict(state["stream"])
-            logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
-        return result
+        from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+        trainer = self.config.trainer
+        if trainer.resume_mode == "disable":
+            return
+        if trainer.resume_mode == "resume_path":
+            step_dir = os.path.abspath(trainer.resume_from_path)
+        else:
+            step_dir = find_latest_ckpt_path(os.path.abspath(trainer.default_local_dir))
+            if step_dir is None:
+                return
+        state_path = os.path.join(step_dir, "npd", "state.json")
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"{step_dir} is not a verl-npd checkpoint: {state_path} is missing")
+        with open(state_path) as f:
+            state = json.load(f)
+        self.global_steps = int(state["step"])
+        self.actor_rollout_wg.load_checkpoint(
+            os.path.join(step_dir, "actor"), del_local_after_load=trainer.del_local_ckpt_after_load
+        )
+        self.buffer.restore(load_samples(os.path.join(step_dir, "npd", "buffer")), state["buffer"])
+        self.stream.load_state_dict(state["stream"])
+        self._last_saved_step = self.global_steps
+        logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _mean(value) -> float:

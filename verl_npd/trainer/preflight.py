@@ -4,6 +4,8 @@ one line naming the field, file or row, instead of failing deep inside a worker 
 from __future__ import annotations
 
 import os
+import sys
+
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -31,11 +33,24 @@ def preflight(config: DictConfig) -> None:
         for key, teacher in config.distillation.teacher_models.items()
     }
     trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+    student_tokenizer = load_tokenizer(student_path, "student", trust)
     for field_name, teacher_path in teacher_paths.items():
-        check_same_vocabulary(student_path, teacher_path, field_name, trust_remote_code=trust)
-    check_data_files("data.train_files", config.data.train_files, config.data.get("prompt_key", "prompt"))
-    check_data_files("data.val_files", config.data.val_files, config.data.get("prompt_key", "prompt"))
+        teacher_tokenizer = load_tokenizer(teacher_path, "teacher", trust)
+        check_same_vocabulary(student_tokenizer, teacher_tokenizer, field_name)
+    prompt_key = config.data.get("prompt_key", "prompt")
+    for field_name in ("data.train_files", "data.val_files"):
+        paths = check_data_files(field_name, config.data[field_name.split(".")[1]], prompt_key)
+        check_prompt_lengths(field_name, paths, prompt_key, student_tokenizer, config.data)
     check_resources(config)
+
+
+def load_tokenizer(path: str, which: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any load failure is reported with the path
+        raise PreflightError(f"cannot load the {which} tokenizer from {path!r}: {e}") from None
 
 
 def check_model_path(field_name: str, path: str | None) -> str:
@@ -53,17 +68,8 @@ def check_model_path(field_name: str, path: str | None) -> str:
     return expanded
 
 
-def check_same_vocabulary(student_path: str, teacher_path: str, field_name: str, trust_remote_code: bool) -> None:
+def check_same_vocabulary(student, teacher, field_name: str) -> None:
     """Distillation compares teacher and student distributions token by token: same vocabulary."""
-    from transformers import AutoTokenizer
-
-    def load(path: str, which: str):
-        try:
-            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - any load failure is reported with the path
-            raise PreflightError(f"cannot load the {which} tokenizer from {path!r}: {e}") from None
-
-    student, teacher = load(student_path, "student"), load(teacher_path, "teacher")
     if len(student) != len(teacher) or student.get_vocab() != teacher.get_vocab():
         raise PreflightError(
             f"{field_name}: teacher and student vocabularies differ (teacher {len(teacher)} tokens, "
@@ -77,7 +83,8 @@ def check_same_vocabulary(student_path: str, teacher_path: str, field_name: str,
             )
 
 
-def check_data_files(field_name: str, files, prompt_key: str) -> None:
+def check_data_files(field_name: str, files, prompt_key: str) -> list[str]:
+    """Every file exists, is parquet, has rows and the prompt column; returns the expanded paths."""
     import pyarrow.parquet as pq
 
     paths = [files] if isinstance(files, str) else list(files)
@@ -98,6 +105,43 @@ def check_data_files(field_name: str, files, prompt_key: str) -> None:
             raise PreflightError(
                 f"{field_name}: {path!r} has no prompt column {prompt_key!r} (data.prompt_key); columns: {columns}"
             )
+    return [os.path.expanduser(str(path)) for path in paths]
+
+
+def check_prompt_lengths(field_name: str, paths: list[str], prompt_key: str, tokenizer, data: DictConfig) -> None:
+    """Prompts longer than ``data.max_prompt_length`` (rendered as verl renders them) are skipped
+    and counted when ``data.filter_overlong_prompts`` is set, truncated and counted under
+    ``data.truncation`` left/right/middle, and otherwise (``truncation=error``) an error naming
+    the first such row, before verl would fail on it mid-run."""
+    import pyarrow.parquet as pq
+
+    from verl_npd.filters.ifd import render_chat_ids
+
+    limit = data.max_prompt_length
+    chat_kwargs = dict(data.get("apply_chat_template_kwargs", None) or {})
+    for path in paths:
+        prompts = pq.read_table(path, columns=[prompt_key]).column(prompt_key).to_pylist()
+        too_long = []
+        for row, messages in enumerate(prompts):
+            length = len(render_chat_ids(tokenizer, messages, add_generation_prompt=True, **chat_kwargs))
+            if length > limit:
+                too_long.append((row, length))
+        if not too_long:
+            continue
+        what = f"{field_name}: {len(too_long)} of {len(prompts)} prompts in {path!r} are longer than " \
+            f"data.max_prompt_length={limit}"
+        if data.filter_overlong_prompts:
+            if len(too_long) == len(prompts):
+                raise PreflightError(f"{what}: nothing is left once they are skipped")
+            print(f"verl-npd: {what}; they are skipped (data.filter_overlong_prompts=true)", file=sys.stderr)
+        elif data.truncation == "error":
+            row, length = too_long[0]
+            raise PreflightError(
+                f"{what} (first: row {row}, {length} tokens); set data.filter_overlong_prompts=true to skip "
+                f"them, or raise data.max_prompt_length"
+            )
+        else:
+            print(f"verl-npd: {what}; they are truncated (data.truncation={data.truncation})", file=sys.stderr)
 
 
 def check_resources(config: DictConfig) -> None:

@@ -21,7 +21,12 @@ def validation_accuracy(val_metrics: dict[str, float]) -> float | None:
 
 @dataclass
 class RunSummary:
+    """``resume_step``: the checkpoint step this run starts from (0 for a fresh run). Rows of an
+    earlier run beyond it describe steps that were rolled back and are trained again, so they are
+    removed from ``metrics.jsonl``; rows up to it are kept."""
+
     output_dir: str
+    resume_step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -30,7 +35,9 @@ class RunSummary:
         self.history: list[dict[str, float]] = []
         self.validations: list[dict[str, float]] = []
         self.initial_accuracy: float | None = None
-        self._metrics_file = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        _truncate_history(path, self.resume_step)
+        self._metrics_file = open(path, "a")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -47,7 +54,9 @@ class RunSummary:
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
 
-    def finish(self, steps_run: int, buffer_counters: dict[str, float]) -> dict[str, Any]:
+    def finish(
+        self, steps_run: int, buffer_counters: dict[str, float], interrupted: bool, last_checkpoint_step: int
+    ) -> dict[str, Any]:
         self._metrics_file.close()
         wall = self.elapsed()
         train_s = sum(r.get("timing/train", 0.0) for r in self.history)
@@ -59,6 +68,8 @@ class RunSummary:
             "student_accuracy_after": final,
             **self.extra,
             "steps": steps_run,
+            "interrupted": interrupted,
+            "last_checkpoint_step": last_checkpoint_step,
             "wall_time_s": wall,
             "trainer_tokens_per_s": tokens / train_s if train_s else None,
             "trainer_wait_share": wait_s / wall if wall else None,
@@ -97,12 +108,26 @@ class RunSummary:
         plt.close(fig)
 
 
+def _truncate_history(path: str, last_step: int) -> None:
+    """Keep the rows of ``path`` with ``step <= last_step`` (written atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= last_step]
+    if len(kept) == len(rows):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def format_summary(result: dict[str, Any], output_dir: str) -> str:
     rows = [
         ("student accuracy before", _pct(result.get("student_accuracy_before"))),
         ("student accuracy after", _pct(result.get("student_accuracy_after"))),
         ("teacher accuracy", _pct(result.get("teacher_accuracy"))),
-        ("steps", str(result["steps"])),
+        ("steps", str(result["steps"]) + (" (stopped early)" if result.get("interrupted") else "")),
         ("wall time", f"{result['wall_time_s']:.1f} s"),
         ("trainer tokens/s", _num(result.get("trainer_tokens_per_s"), "{:.0f}")),
         ("trainer wait share", _pct(result.get("trainer_wait_share"))),

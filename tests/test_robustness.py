@@ -1,0 +1,150 @@
+"""Faults and resume on the real stack (issue 6): SIGTERM/SIGINT, a dying rollout server, and a
+run killed with SIGKILL that resumes to the same student as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, REPO, read_jsonl, run_module
+
+QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
+
+
+def start_npd(args: list[str], log_path) -> subprocess.Popen:
+    """main_npd in its own session, its output in ``log_path`` (a pipe nobody reads could fill)."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "verl_npd.main_npd", *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def tail(log_path) -> str:
+    return log_path.read_text()[-3000:]
+
+
+def wait_for(condition, process: subprocess.Popen, log_path, what: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {tail(log_path)}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def steps_logged(out) -> int:
+    path = out / "metrics.jsonl"
+    return len(read_jsonl(path)) if path.exists() else 0
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and its whole Ray session (as a node failure would)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the session already ended
+        pass
+    process.wait(timeout=60)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_finished_steps_and_exits_nonzero(toy_world, tmp_path, signum):
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "npd.total_steps=20",
+            "trainer.save_freq=-1"]
+    log = tmp_path / "log.txt"
+    process = start_npd(args, log)
+    wait_for(lambda: steps_logged(out) >= 2, process, log, "step 2")
+    process.send_signal(signum)
+    try:
+        returncode = process.wait(timeout=300)
+    finally:
+        kill_session(process)
+    assert returncode == 128 + signum, tail(log)
+    latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    # Periodic checkpoints are off: this one was written on the way out, after the last finished step.
+    assert latest >= 2
+    assert json.loads((ckpt / f"global_step_{latest}" / "npd" / "state.json").read_text())["step"] == latest
+    assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == list(range(1, latest + 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["last_checkpoint_step"] == latest
+
+
+def test_a_dead_rollout_server_stops_the_run_with_a_checkpoint_and_a_clear_error(toy_world, tmp_path):
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "npd.total_steps=20",
+            "trainer.save_freq=-1", "npd.generation.max_retries=1"]
+    log = tmp_path / "log.txt"
+    process = start_npd(args, log)
+    wait_for(lambda: steps_logged(out) >= 2, process, log, "step 2")
+    servers = [p for p in psutil.process_iter(["cmdline"]) if "CPURolloutServer" in " ".join(p.info["cmdline"] or [])]
+    assert servers, "no npd_cpu server process found"
+    for server in servers:  # the student's rollout server and the teacher's
+        server.kill()
+    try:
+        returncode = process.wait(timeout=300)
+    finally:
+        kill_session(process)
+    output = log.read_text()
+    assert returncode == 1, tail(log)
+    assert "verl-npd: the run failed" in output and "failed after 2 attempts" in output, tail(log)
+    latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert latest == steps_logged(out) >= 2  # every finished step is in the checkpoint
+
+
+# One wave in flight, a sync after every step and on-policy samples: which samples each step trains
+# on no longer depends on timing, and per-sample seeds make what they contain reproducible.
+DETERMINISTIC = [
+    "npd.sync_interval=1",
+    "npd.buffer.max_staleness=0",
+    "npd.generation.max_concurrent_prompts=16",
+    "npd.total_steps=4",
+    "trainer.save_freq=2",
+    "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+    "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]",
+]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(toy_world, tmp_path):
+    def args(name):
+        return [*FAST, *QUIET, *DETERMINISTIC, f"npd.output_dir={tmp_path / name}",
+                f"trainer.default_local_dir={tmp_path / name / 'ckpt'}"]
+
+    straight = run_module("verl_npd.main_npd", args("straight"), timeout=900)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    log = tmp_path / "log.txt"
+    process = start_npd(args("killed"), log)
+    marker = tmp_path / "killed" / "ckpt" / "latest_checkpointed_iteration.txt"
+    wait_for(marker.exists, process, log, "the step-2 checkpoint")
+    kill_session(process)
+    assert marker.read_text() == "2"
+    resumed = run_module("verl_npd.main_npd", args("killed"), timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    expected, got = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [row["step"] for row in got] == [1, 2, 3, 4]  # nothing repeated, nothing skipped
+    for a, b in zip(expected, got):
+        # The same samples in the same order: same token count, behaviour versions and loss.
+        assert a["perf/train_tokens"] == b["perf/train_tokens"]
+        assert a["npd/behaviour_version_min"] == b["npd/behaviour_version_min"]
+        assert b["actor/loss"] == pytest.approx(a["actor/loss"], rel=1e-4)
+    final = [
+        load_file(str(tmp_path / name / "ckpt" / "global_step_4" / "actor" / "huggingface" / "model.safetensors"))
+        for name in ("straight", "killed")
+    ]
+    assert final[0].keys() == final[1].keys()
+    for key in final[0]:
+        torch.testing.assert_close(final[1][key], final[0][key], rtol=1e-4, atol=1e-5)
+    counters = [json.loads((tmp_path / n / "summary.json").read_text())["buffer"] for n in ("straight", "killed")]
+    assert counters[1]["consumed"] == counters[0]["consumed"] == 4 * 16
