@@ -1,0 +1,63 @@
+"""``python -m verl_npd.bench [--mini] [--steps N] [--methods a,b] [--out DIR] [--gpu-recipe DIR]``"""
+
+import argparse
+import dataclasses
+import sys
+
+from verl_npd.bench.methods import METHOD_NAMES, select_methods
+from verl_npd.bench.runner import Benchmark
+from verl_npd.bench.settings import GPU_RECIPE, TOY_FULL, TOY_MINI, Recipe
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m verl_npd.bench",
+        description="Compare NPD with verl's built-in on-policy distillation (sync and colocate_async), "
+        "SFT on teacher responses and two NPD ablations on the same task, hardware and budget; "
+        "writes results.json, results.md and plots.",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_NAMES),
+        help=f"comma-separated methods to run, in this order (default: all: {','.join(METHOD_NAMES)})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps per method (default: 30 on the toy, 2 with --mini, the recipe's own with --gpu-recipe)",
+    )
+    parser.add_argument("--out", default="outputs/bench", help="output directory (default: outputs/bench)")
+    parser.add_argument(
+        "--mini",
+        action="store_true",
+        help="smoke-test size: 2 steps of 16 prompts, 32 validation prompts, validation every step",
+    )
+    parser.add_argument(
+        "--gpu-recipe",
+        metavar="DIR",
+        help="a GPU recipe folder with config/npd.yaml and config/opd_baseline.yaml "
+        "(e.g. recipes/qwen3_1.7b_from_8b_gsm8k_math) instead of the CPU toy world; no SFT run "
+        "(untested, see docs/benchmarks/README.md)",
+    )
+    args = parser.parse_args(argv)
+    if args.gpu_recipe and args.mini:
+        parser.error("--mini is the toy world's smoke-test size; use --steps with --gpu-recipe")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    recipe = Recipe.gpu(args.gpu_recipe) if args.gpu_recipe else Recipe.toy_cpu()
+    scale = GPU_RECIPE if args.gpu_recipe else (TOY_MINI if args.mini else TOY_FULL)
+    if args.steps is not None:
+        scale = dataclasses.replace(scale, steps=args.steps)
+    methods = select_methods([name.strip() for name in args.methods.split(",") if name.strip()])
+    results = Benchmark(recipe, scale, methods, args.out).run()
+    failed = [name for name, m in results["methods"].items() if m["status"] == "failed"]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see their run.log)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Each method's own outputs, read into one shape (``MethodRun``).
+
+Wall-clock is *training* time: seconds since the training loop started, after the workers are up
+and the untrained student has been validated (start-up differs between entry points and is reported
+separately as the process wall time). Validation during training is included, the same for every
+method. Per method:
+
+- NPD: ``metrics.jsonl`` and ``summary.json`` of ``verl_npd/trainer/summary.py`` (``wall_s`` of every
+  step and validation, minus that of the initial validation);
+- verl (``main_ppo``): its tracking's file backend, one line per step; wall-clock is the running sum
+  of ``timing_s/step`` and ``timing_s/testing`` (verl times validation outside the step);
+- SFT: ``timeline.jsonl`` of ``verl_npd.bench.sft_trainer`` and ``evaluations.json``; its wall-clock
+  starts with the teacher's generation of the SFT data and includes the evaluation of every
+  checkpoint, as the other methods' includes their validations.
+
+Time breakdown: generation wait (the trainer waiting for samples: NPD ``timing/wait_gen``, verl
+``timing_s/gen``, SFT the teacher's generation), train (the optimizer update: ``timing/train``,
+``timing_s/update_actor``, SFT's ``train_batch``), sync (weights to the rollout: ``timing/sync``,
+``timing_s/update_weights``) and other (the rest of the wall-clock: validation, verl's old-log-prob
+pass, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from verl_npd.trainer.summary import validation_accuracy
+
+
+@dataclass
+class MethodRun:
+    # Validation points: {"step", "wall_s", "tokens", "accuracy"}; step 0 is the untrained student.
+    curve: list[dict] = field(default_factory=list)
+    train_wall_s: float = 0.0
+    train_tokens: float = 0.0
+    # generation_wait / train / sync / other, in seconds; they add up to train_wall_s.
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    # Tokens (prompt + response) per second of optimizer update.
+    trainer_tokens_per_s: float | None = None
+    # NPD only: real tokens / (micro-batches x token budget), and the share of samples Δ-IFD kept.
+    packing_efficiency: float | None = None
+    kept_fraction: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def steps_done(path: str) -> int:
+    """Trained steps recorded so far in a per-step JSON-lines file (step 0 is the initial validation)."""
+    return len({row["step"] for row in read_jsonl(path) if row.get("step", 0) > 0})
+
+
+def _breakdown(wall_s: float, generation_wait: float, train: float, sync: float) -> dict[str, float]:
+    return {
+        "generation_wait": generation_wait,
+        "train": train,
+        "sync": sync,
+        "other": max(0.0, wall_s - generation_wait - train - sync),
+    }
+
+
+def read_npd(run_dir: str) -> MethodRun:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    history = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    validations = summary["validations"]
+    # The clock of summary.py starts before the initial validation; training starts after it.
+    origin = validations[0]["wall_s"] if validations and validations[0]["step"] == 0 else 0.0
+    tokens_by_step = {0: 0.0}
+    total = 0.0
+    for row in history:
+        total += row.get("perf/train_tokens", 0.0)
+        tokens_by_step[row["step"]] = total
+    curve = [
+        {
+            "step": v["step"],
+            "wall_s": max(0.0, v["wall_s"] - origin),
+            "tokens": tokens_by_step.get(v["step"], total),
+            "accuracy": v["accuracy"],
+        }
+        for v in validations
+        if v["accuracy"] is not None
+    ]
+    wall = history[-1]["wall_s"] - origin if history else 0.0
+    train_s = sum(r.get("timing/train", 0.0) for r in history)
+    return MethodRun(
+        curve=curve,
+        train_wall_s=wall,
+        train_tokens=total,
+        breakdown_s=_breakdown(
+            wall,
+            generation_wait=sum(r.get("timing/wait_gen", 0.0) for r in history),
+            train=train_s,
+            sync=sum(r.get("timing/sync", 0.0) for r in history),
+        ),
+        trainer_tokens_per_s=total / train_s if train_s else None,
+        packing_efficiency=summary.get("packing_efficiency"),
+        kept_fraction=summary.get("kept_fraction"),
+    )
+
+
+def read_verl(run_dir: str) -> MethodRun:
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    curve, wall, tokens = [], 0.0, 0.0
+    generation_wait = train_s = sync = 0.0
+    for row in sorted(rows, key=lambda r: r["step"]):
+        data, step = row["data"], row["step"]
+        if step > 0:
+            wall += data.get("timing_s/step", 0.0) + data.get("timing_s/testing", 0.0)
+            tokens += data.get("perf/total_num_tokens", 0.0)
+            generation_wait += data.get("timing_s/gen", 0.0)
+            train_s += data.get("timing_s/update_actor", 0.0)
+            sync += data.get("timing_s/update_weights", 0.0)
+        accuracy = validation_accuracy(data)
+        if accuracy is not None:
+            curve.append({"step": step, "wall_s": wall, "tokens": tokens, "accuracy": accuracy})
+    return MethodRun(
+        curve=curve,
+        train_wall_s=wall,
+        train_tokens=tokens,
+        breakdown_s=_breakdown(wall, generation_wait, train_s, sync),
+        trainer_tokens_per_s=tokens / train_s if train_s else None,
+    )
+
+
+def read_sft(run_dir: str, teacher_generation_s: float) -> MethodRun:
+    timeline = {row["step"]: row for row in read_jsonl(os.path.join(run_dir, "timeline.jsonl"))}
+    with open(os.path.join(run_dir, "evaluations.json")) as f:
+        evaluations = json.load(f)
+    curve, eval_s = [], 0.0
+    for evaluation in evaluations:
+        step = evaluation["step"]
+        if step == 0:  # the untrained student, before the clock starts (as for the other methods)
+            curve.append({"step": 0, "wall_s": 0.0, "tokens": 0.0, "accuracy": evaluation["accuracy"]})
+            continue
+        eval_s += evaluation["eval_s"]
+        tokens = sum(r["tokens"] for s, r in timeline.items() if s <= step)
+        wall = teacher_generation_s + timeline[step]["wall_s"] + eval_s
+        curve.append({"step": step, "wall_s": wall, "tokens": tokens, "accuracy": evaluation["accuracy"]})
+    last = timeline[max(timeline)] if timeline else {"wall_s": 0.0}
+    wall = teacher_generation_s + last["wall_s"] + eval_s
+    tokens = sum(r["tokens"] for r in timeline.values())
+    train_s = sum(r["train_s"] for r in timeline.values())
+    return MethodRun(
+        curve=curve,
+        train_wall_s=wall,
+        train_tokens=tokens,
+        breakdown_s=_breakdown(wall, teacher_generation_s, train_s, 0.0),
+        trainer_tokens_per_s=tokens / train_s if train_s else None,
+    )

@@ -1,0 +1,157 @@
+"""Runs the methods one after the other, each as its own process (its own Ray cluster), with a
+progress bar per method, then writes the results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+
+from tqdm.auto import tqdm
+
+from verl_npd.bench import readers, report
+from verl_npd.bench.methods import Command, Method, method_command, scale_overrides, sft_command
+from verl_npd.bench.settings import REPO_ROOT, Recipe, Scale
+
+
+def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
+    """Run ``command`` from the repo root with its output in ``log_path``; a progress bar follows the
+    steps it records. Returns (exit code, wall seconds). Ctrl-C stops it with its whole process group
+    (the method's Ray cluster included)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command.argv,
+            cwd=REPO_ROOT,
+            env={**os.environ, **command.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        # disable=None: no bar when the output is not a terminal (logs get the start/end lines only).
+        bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None)
+        try:
+            while process.poll() is None:
+                time.sleep(1.0)
+                if not bar.disable:
+                    bar.update(readers.steps_done(command.steps_file) - bar.n)
+        except KeyboardInterrupt:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        finally:
+            bar.close()
+    return process.returncode, time.perf_counter() - start
+
+
+def _log_tail(path: str, lines: int = 20) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+class Benchmark:
+    def __init__(self, recipe: Recipe, scale: Scale, methods: list[Method], out_dir: str):
+        self.recipe, self.scale, self.methods = recipe, scale, methods
+        self.out_dir = os.path.abspath(out_dir)
+        self.data_dir = os.path.join(self.out_dir, "data")
+        self.val_files: str | None = None
+        self.teacher_accuracy: float | None = None
+
+    def run(self) -> dict:
+        os.makedirs(self.data_dir, exist_ok=True)
+        if self.recipe.toy:
+            self._prepare_toy()
+        runs = {}
+        for index, method in enumerate(self.methods, 1):
+            tag = f"[{index}/{len(self.methods)}] {method.name}"
+            print(f"\n{tag}: {method.label}", flush=True)
+            run = runs[method.name] = self._run_method(method, tag)
+            print(f"{tag}: {run['status']} in {run['process_wall_s']:.0f} s", flush=True)
+        results = report.build_results(self._settings(), self.teacher_accuracy, runs)
+        markdown = report.write_results(results, self.out_dir)
+        print("\n" + markdown)
+        print(f"written to {self.out_dir}/results.json, results.md and the PNGs")
+        return results
+
+    def _settings(self) -> dict:
+        scale = self.scale
+        return {
+            "recipe": "toy_cpu" if self.recipe.toy else self.recipe.npd_config_dir,
+            "steps": scale.steps if scale.steps is not None else "recipe default",
+            "train_batch_size": scale.train_batch_size or "recipe default",
+            "validation prompts": scale.val_size or "all",
+            "validation every": f"{scale.test_freq} steps" if scale.test_freq else "recipe default",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        }
+
+    # ---- the toy world's own data -------------------------------------------------------------
+
+    def _npd_config(self):
+        """The NPD config with the benchmark's scale: what SFT copies its settings from."""
+        from hydra import compose, initialize_config_dir
+
+        import verl  # noqa: F401  (loads the verl-npd plugin: the ${npd_toy:...} resolvers)
+
+        with initialize_config_dir(config_dir=self.recipe.npd_config_dir, version_base=None):
+            return compose(
+                config_name=self.recipe.npd_config_name,
+                overrides=scale_overrides("npd", self.scale, self.val_files),
+            )
+
+    def _prepare_toy(self) -> None:
+        from verl_npd.bench import toy_data
+        from verl_npd.toy import ensure_toy_world
+
+        print("preparing the toy world, the validation set and the teacher's accuracy on it", flush=True)
+        world = ensure_toy_world()
+        self.val_files = toy_data.validation_subset(world.val_parquet, self.scale.val_size, self.data_dir)
+        self.teacher_accuracy = toy_data.model_accuracy(world.teacher_dir, self.val_files)
+        print(f"teacher accuracy {self.teacher_accuracy:.3f} on {self.val_files}", flush=True)
+
+    # ---- one method --------------------------------------------------------------------------
+
+    def _run_method(self, method: Method, desc: str) -> dict:
+        run_dir = os.path.join(self.out_dir, method.name)
+        shutil.rmtree(run_dir, ignore_errors=True)  # NPD appends to metrics.jsonl: start clean
+        os.makedirs(run_dir)
+        log_path = os.path.join(run_dir, "run.log")
+        result = {"label": method.label, "log": os.path.relpath(log_path, self.out_dir)}
+        if method.runner == "sft":
+            if not self.recipe.toy:
+                return {**result, "status": "skipped", "returncode": None, "process_wall_s": 0.0,
+                        "error": "SFT data is made from the toy teacher; GPU recipes have no SFT run"}  # fmt: skip
+            return {**result, **self._run_sft(method, run_dir, log_path, desc)}
+        command = method_command(method, self.recipe, self.scale, self.val_files, run_dir)
+        returncode, wall = run_command(command, log_path, self.scale.steps, desc)
+        read = readers.read_npd if method.runner == "npd" else readers.read_verl
+        return {**result, **self._outcome(returncode, wall, log_path, lambda: read(run_dir))}
+
+    def _run_sft(self, method: Method, run_dir: str, log_path: str, desc: str) -> dict:
+        from verl_npd.bench import toy_data
+
+        config = self._npd_config()
+        n_prompts = config.npd.total_steps * config.data.train_batch_size
+        print(f"teacher responses for {n_prompts} training prompts (made once, then cached)", flush=True)
+        teacher_dir = config.distillation.teacher_models.teacher_model.model_path
+        train_files = config.data.train_files
+        responses, generation_s = toy_data.teacher_responses(teacher_dir, train_files, n_prompts, self.data_dir)
+        command = sft_command(config, responses, run_dir)
+        returncode, wall = run_command(command, log_path, config.npd.total_steps, desc)
+        if returncode == 0:
+            print("evaluating the SFT checkpoints", flush=True)
+            toy_data.evaluate_sft_run(run_dir, config.actor_rollout_ref.model.path, self.val_files)
+        outcome = self._outcome(returncode, wall, log_path, lambda: readers.read_sft(run_dir, generation_s))
+        return {**outcome, "teacher_generation_s": generation_s}
+
+    @staticmethod
+    def _outcome(returncode: int, wall: float, log_path: str, read) -> dict:
+        outcome = {"returncode": returncode, "process_wall_s": wall}
+        if returncode != 0:
+            return {**outcome, "status": "failed", "error": _log_tail(log_path)}
+        run = read()
+        if not run.curve:
+            return {**outcome, "status": "failed", "error": "the run recorded no validation accuracy"}
+        return {**outcome, "status": "ok", **run.as_dict()}

@@ -1,0 +1,68 @@
+"""What a benchmark run compares on: the recipe (configs of NPD and of verl's baseline) and the scale
+(steps, batch, validation set and frequency), which is the same for every method."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import verl_npd
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(verl_npd.__file__)))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The Hydra configs the methods start from (absolute config dirs, as Hydra needs)."""
+
+    npd_config_dir: str
+    npd_config_name: str
+    opd_config_dir: str
+    opd_config_name: str
+    # The CPU toy world: the only setting where SFT data (teacher responses) and the teacher's
+    # accuracy can be made by the benchmark itself, with transformers on the CPU.
+    toy: bool
+    # Extra overrides for verl's v1 (asynchronous) trainer.
+    v1_overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def toy_cpu(cls) -> Recipe:
+        return cls(
+            npd_config_dir=os.path.join(REPO_ROOT, "verl_npd", "config"),
+            npd_config_name="npd_trainer",
+            opd_config_dir=os.path.join(REPO_ROOT, "recipes", "toy_cpu", "config"),
+            opd_config_name="opd_baseline",
+            toy=True,
+            # TransferQueue starts 8 storage actors by default, too many for 2 cores; the toy's
+            # batches are a few kB.
+            v1_overrides=("transfer_queue.backend.SimpleStorage.num_data_storage_units=1",),
+        )
+
+    @classmethod
+    def gpu(cls, recipe_dir: str) -> Recipe:
+        """A GPU recipe folder holding ``config/npd.yaml`` and ``config/opd_baseline.yaml``."""
+        config_dir = os.path.join(os.path.abspath(recipe_dir), "config")
+        for name in ("npd.yaml", "opd_baseline.yaml"):
+            if not os.path.isfile(os.path.join(config_dir, name)):
+                raise FileNotFoundError(f"{recipe_dir}: no config/{name} (expected a GPU recipe folder, see recipes/)")
+        return cls(config_dir, "npd", config_dir, "opd_baseline", toy=False)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Run size, applied alike to every method; None keeps the recipe's own value."""
+
+    steps: int | None
+    train_batch_size: int | None
+    # The first val_size prompts of the recipe's validation set (toy only).
+    val_size: int | None
+    test_freq: int | None
+
+
+# The toy comparison: the recipes' 30 steps of 64 prompts, all 512 validation prompts, validated
+# every 5 steps (the recipes' 10 gives too few points to time a target).
+TOY_FULL = Scale(steps=30, train_batch_size=None, val_size=None, test_freq=5)
+# A smoke run of every code path in a few minutes (the test's setting).
+TOY_MINI = Scale(steps=2, train_batch_size=16, val_size=32, test_freq=1)
+# GPU recipes: their own steps, batch, validation set and frequency.
+GPU_RECIPE = Scale(steps=None, train_batch_size=None, val_size=None, test_freq=None)

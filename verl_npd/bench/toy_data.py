@@ -1,0 +1,97 @@
+"""Data the toy benchmark makes itself, with transformers on the CPU: the validation subset, the
+teacher's accuracy on it, the teacher's responses that SFT trains on, and the accuracy of SFT's
+checkpoints.
+
+Accuracy here is the toy world's greedy exact match (``verl_npd.toy.evaluate_accuracy``): the same
+decoding and score as the validation of the NPD and verl runs (temperature 0, ``Answer: N`` equals
+the ground truth), so all methods are measured alike.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import time
+
+import pandas as pd
+
+
+def validation_subset(val_parquet: str, size: int | None, out_dir: str) -> str:
+    """The first ``size`` rows of ``val_parquet`` as a parquet under ``out_dir`` (all rows: the file itself)."""
+    frame = pd.read_parquet(val_parquet)
+    if size is None or size >= len(frame):
+        return val_parquet
+    path = os.path.join(out_dir, f"val_first{size}.parquet")
+    frame.head(size).to_parquet(path, index=False)
+    return path
+
+
+def model_accuracy(model_dir: str, val_parquet: str) -> float:
+    from transformers import AutoTokenizer
+
+    from verl_npd.toy import evaluate_accuracy, read_problems
+
+    prompts, answers = read_problems(val_parquet)
+    return evaluate_accuracy(model_dir, AutoTokenizer.from_pretrained(model_dir), prompts, answers)
+
+
+def teacher_responses(teacher_dir: str, train_parquet: str, n_prompts: int, cache_dir: str) -> tuple[str, float]:
+    """The teacher's greedy responses to the first ``n_prompts`` training prompts, as a parquet of
+    chat ``messages`` (verl's SFT format), and the seconds it took to make them.
+
+    Greedy, as in sequence-level knowledge distillation: the teacher's best answer, which is also how
+    its accuracy is measured. Made once and reused while teacher, prompts and count stay the same
+    (the file's ``.json`` sidecar keeps the generation time of the run that made it).
+    """
+    path = os.path.join(cache_dir, f"teacher_responses_{n_prompts}.parquet")
+    meta_path = path + ".json"
+    key = {
+        "teacher_dir": os.path.realpath(teacher_dir),
+        "train_parquet": os.path.realpath(train_parquet),
+        "n_prompts": n_prompts,
+    }
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if {k: meta.get(k) for k in key} == key:
+            return path, meta["generation_s"]
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verl_npd.toy import greedy_generate, read_problems
+
+    prompts, _ = read_problems(train_parquet)
+    if n_prompts > len(prompts):
+        raise ValueError(f"SFT needs {n_prompts} prompts (steps x batch) but {train_parquet} has {len(prompts)}")
+    prompts = prompts[:n_prompts]
+    start = time.perf_counter()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    responses = greedy_generate(teacher, AutoTokenizer.from_pretrained(teacher_dir), prompts)
+    generation_s = time.perf_counter() - start
+    messages = [
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)
+    ]
+    os.makedirs(cache_dir, exist_ok=True)
+    pd.DataFrame({"messages": messages}).to_parquet(path, index=False)
+    with open(meta_path, "w") as f:
+        json.dump({**key, "generation_s": generation_s}, f, indent=2)
+    return path, generation_s
+
+
+def evaluate_sft_run(run_dir: str, student_dir: str, val_parquet: str) -> list[dict]:
+    """Accuracy of the untrained student (step 0) and of every checkpoint of an SFT run, with the
+    seconds each evaluation took; written to ``run_dir/evaluations.json`` and returned."""
+    evaluations = []
+    checkpoints = {0: student_dir}
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "global_step_*", "huggingface")):
+        checkpoints[int(re.search(r"global_step_(\d+)", path).group(1))] = path
+    for step in sorted(checkpoints):
+        start = time.perf_counter()
+        accuracy = model_accuracy(checkpoints[step], val_parquet)
+        evaluations.append({"step": step, "accuracy": accuracy, "eval_s": time.perf_counter() - start})
+    with open(os.path.join(run_dir, "evaluations.json"), "w") as f:
+        json.dump(evaluations, f, indent=2)
+    return evaluations
