@@ -1,8 +1,10 @@
 """Faults and resume on the real stack (issue 6): SIGTERM/SIGINT, a dying rollout server, and a
 run killed with SIGKILL that resumes to the same student as an uninterrupted run."""
 
+import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, REPO, read_jsonl, run_module
+from verl_npd.rollout.async_manager import RequestFailed, call_with_retries
 
 QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
 
@@ -102,6 +105,47 @@ def test_a_dead_rollout_server_stops_the_run_with_a_checkpoint_and_a_clear_error
     assert latest == steps_logged(out) >= 2  # every finished step is in the checkpoint
 
 
+def test_a_hung_request_is_retried_a_bounded_number_of_times_then_fails():
+    attempts = []
+
+    async def hangs():
+        attempts.append(time.monotonic())
+        await asyncio.sleep(3600)
+
+    start = time.monotonic()
+    with pytest.raises(RequestFailed, match="teacher scoring of prompt #7 failed after 3 attempts"):
+        asyncio.run(call_with_retries(hangs, "teacher scoring of prompt #7", timeout_s=0.05, max_retries=2))
+    assert len(attempts) == 3
+    assert time.monotonic() - start < 5
+
+
+def test_a_transient_failure_is_retried_and_recovers():
+    attempts = []
+
+    async def flaky():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("server restarting")
+        return "ok"
+
+    assert asyncio.run(call_with_retries(flaky, "rollout request", timeout_s=5, max_retries=1)) == "ok"
+    assert len(attempts) == 2
+
+
+def test_the_package_never_unpickles_nor_trusts_remote_code_on_its_own():
+    """Our formats are json, safetensors and parquet; remote code runs only if the user's config
+    says trust_remote_code (the value is passed through, never set True here)."""
+    forbidden = re.compile(r"trust_remote_code\s*=\s*True|torch\.load\(|pickle\.loads?\(|weights_only\s*=\s*False")
+    hits = []
+    for root, _, files in os.walk(os.path.join(REPO, "verl_npd")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    hits += [f"{path}:{i}" for i, line in enumerate(f, 1) if forbidden.search(line.split("#")[0])]
+    assert hits == []
+
+
 # One wave in flight, a sync after every step and on-policy samples: which samples each step trains
 # on no longer depends on timing, and per-sample seeds make what they contain reproducible.
 DETERMINISTIC = [
@@ -129,6 +173,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(toy_world, tmp_path):
     wait_for(marker.exists, process, log, "the step-2 checkpoint")
     kill_session(process)
     assert marker.read_text() == "2"
+    step_dir = tmp_path / "killed" / "ckpt" / "global_step_2"
+    assert not (step_dir / "data.pt").exists()  # verl's pickled dataloader state is not written
+    assert {p.suffix for p in (step_dir / "npd").iterdir()} == {".json", ".safetensors"}
     resumed = run_module("verl_npd.main_npd", args("killed"), timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 

@@ -58,7 +58,12 @@ class NPDTaskRunner:
         model_config: HFModelConfig = omega_conf_to_dataclass(config.actor_rollout_ref.model)
         datasets = {
             split: create_rl_dataset(
-                files, config.data, model_config.tokenizer, model_config.processor, is_train=split == "train"
+                files,
+                config.data,
+                model_config.tokenizer,
+                model_config.processor,
+                is_train=split == "train",
+                max_samples=config.data.get(f"{split}_max_samples", -1),
             )
             for split, files in (("train", config.data.train_files), ("val", config.data.val_files))
         }
