@@ -44,7 +44,7 @@ from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample,
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig
-from verl_npd.trainer.summary import RunSummary
+from verl_npd.trainer.summary import RunSummary, write_text_atomically
 
 logger = logging.getLogger("verl_npd")
 
@@ -354,8 +354,8 @@ class NearPolicyTrainer(RayPPOTrainer):
         samples, buffer_state = self.buffer.snapshot()
         save_samples(os.path.join(state_dir, "buffer"), samples)
         state = {"buffer": buffer_state, "stream": self.rollout_manager.state_dict(), "step": self.global_steps}
-        _write_atomically(os.path.join(state_dir, "state.json"), json.dumps(state))
-        _write_atomically(
+        write_text_atomically(os.path.join(state_dir, "state.json"), json.dumps(state))
+        write_text_atomically(
             os.path.join(os.path.abspath(trainer.default_local_dir), "latest_checkpointed_iteration.txt"),
             str(self.global_steps),
         )
@@ -386,12 +386,6 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.stream.load_state_dict(state["stream"])
         self._last_saved_step = self.global_steps
         logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _mean(value) -> float:

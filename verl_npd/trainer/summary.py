@@ -115,10 +115,14 @@ def _truncate_history(path: str, last_step: int) -> None:
     with open(path) as f:
         rows = [line for line in f if line.strip()]
     kept = [line for line in rows if json.loads(line)["step"] <= last_step]
-    if len(kept) == len(rows):
-        return
+    if len(kept) < len(rows):
+        write_text_atomically(path, "".join(kept))
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write to a temporary file and rename it over ``path``: a kill leaves the old or the new."""
     with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
