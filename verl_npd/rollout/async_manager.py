@@ -240,8 +240,8 @@ class AsyncRolloutManager:
             for g, keep in zip(generated, decision.keep.tolist())
             if keep
         ]
-        self.buffer.put(kept, reserved=reserved, filtered=len(generated) - len(kept))
-        with self._lock:
+        with self._lock:  # atomic with respect to checkpoint_state(): stored, or still in flight
+            self.buffer.put(kept, reserved=reserved, filtered=len(generated) - len(kept))
             self._in_flight_positions.difference_update(positions)
             metrics = dict(decision.metrics)
             metrics["timing/wave"] = time.monotonic() - start
@@ -337,9 +337,13 @@ class AsyncRolloutManager:
         keys = sorted({k for m in waves for k in m})
         return {k: float(np.mean([m[k] for m in waves if k in m])) for k in keys}
 
-    def state_dict(self) -> dict[str, Any]:
+    def checkpoint_state(self) -> tuple[list[Sample], dict[str, Any], dict[str, Any]]:
+        """The buffer's queued samples and accounting and the prompt stream, taken at one instant:
+        a wave that finishes meanwhile is either in the snapshot or re-issued on resume, never
+        both and never neither."""
         with self._lock:
-            return self.stream.state_dict(self._in_flight_positions)
+            samples, buffer_state = self.buffer.snapshot()
+            return samples, buffer_state, self.stream.state_dict(self._in_flight_positions)
 
 
 def _nll(rows: list[list[float]]):

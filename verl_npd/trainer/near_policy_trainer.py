@@ -351,9 +351,9 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         state_dir = os.path.join(step_dir, "npd")
         os.makedirs(state_dir, exist_ok=True)
-        samples, buffer_state = self.buffer.snapshot()
+        samples, buffer_state, stream_state = self.rollout_manager.checkpoint_state()
         save_samples(os.path.join(state_dir, "buffer"), samples)
-        state = {"buffer": buffer_state, "stream": self.rollout_manager.state_dict(), "step": self.global_steps}
+        state = {"buffer": buffer_state, "stream": stream_state, "step": self.global_steps}
         write_text_atomically(os.path.join(state_dir, "state.json"), json.dumps(state))
         write_text_atomically(
             os.path.join(os.path.abspath(trainer.default_local_dir), "latest_checkpointed_iteration.txt"),
