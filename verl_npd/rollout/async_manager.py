@@ -181,7 +181,10 @@ class AsyncRolloutManager:
         self._stopping = True
         self.buffer.close()
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
+            try:
+                self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
+            except RuntimeError:  # the loop already ended: closing the buffer (a stop, a failure) ends it
+                pass
         if self._thread is not None:
             self._thread.join(timeout=timeout)
 
