@@ -20,7 +20,12 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         (["npd.packing.token_budget=0"], "npd.packing.token_budget must be >= 1"),
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
-        (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs"),
+        (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
+        (
+            ["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
+            "needs 3 logical GPUs (trainer 1 + teacher 1 + standalone rollout 1)",
+        ),
+        (["actor_rollout_ref.rollout.nnodes=1"], "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot"),
         # The toy prompts are 15 or 17 tokens long.
         (
             ["data.max_prompt_length=16", "data.filter_overlong_prompts=false"],

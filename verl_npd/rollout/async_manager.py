@@ -13,6 +13,13 @@ Per sample (a prompt x and one response y), all on the servers:
    the rollout replica give the unconditional terms s_T(y) and s_B(y).
 Samples are processed in waves of ``wave_size`` prompts; a wave is the Δ-IFD filter's scoring
 window, and several waves are in flight at once.
+
+A weight sync to standalone rollout replicas (their own GPUs, a checkpoint engine) aborts the
+requests they are running. Generation then goes through ``student_generation_client``, verl's
+``FullyAsyncLLMServerClient``, which resumes an aborted response from its tokens so far and reports
+the oldest version that wrote it (the sample's tag, so staleness is never understated); prefills
+are simply sent again. Colocated replicas are synced between engine steps and abort nothing, and
+both clients are the same plain one.
 """
 
 from __future__ import annotations
@@ -95,6 +102,8 @@ class GeneratedSample:
     teacher_cond: list[float]  # log p_T(y_i | x, y_<i)
     teacher_uncond: list[float]  # log p_T(y_i | header, y_<i)
     behaviour_uncond: list[float]  # log p_B(y_i | header, y_<i)
+    # Generation was aborted by a weight sync and resumed on the new weights (standalone rollout).
+    spans_sync: bool = False
     timing: dict[str, float] = field(default_factory=dict)
 
 
@@ -131,6 +140,7 @@ class AsyncRolloutManager:
         self,
         *,
         student_client,
+        student_generation_client,
         teacher_topk_scorer,
         teacher_clients: dict[str, Any],
         buffer: NearPolicyBuffer,
@@ -147,6 +157,7 @@ class AsyncRolloutManager:
         seed: int,
     ):
         self.student_client = student_client
+        self.student_generation_client = student_generation_client
         self.teacher_topk_scorer = teacher_topk_scorer
         self.teacher_clients = teacher_clients
         self.buffer = buffer
@@ -251,6 +262,7 @@ class AsyncRolloutManager:
             for key in ("gen", "teacher"):
                 metrics[f"timing/{key}_per_sample"] = float(np.mean([g.timing[key] for g in generated]))
             metrics["npd/response_length_mean"] = float(np.mean([len(g.response_ids) for g in generated]))
+            metrics["npd/spans_sync_fraction"] = float(np.mean([g.spans_sync for g in generated]))
             self._metrics.append(metrics)
 
     def _filter(self, generated: list[GeneratedSample]):
@@ -270,7 +282,7 @@ class AsyncRolloutManager:
     async def _generate_sample(self, prompt: PromptItem, sample_index: int, version: int) -> GeneratedSample:
         t0 = time.monotonic()
         output = await self._request(
-            self.student_client,
+            self.student_generation_client,
             prompt.prompt_ids,
             dict(self.sampling_params, logprobs=True, seed=self.sampling_seed(prompt.position, sample_index)),
             f"rollout request for prompt #{prompt.position}",
@@ -303,6 +315,7 @@ class AsyncRolloutManager:
             # The version the server reports having generated with (a sync may land between the
             # reservation and the request); backends that report none fall back to the reservation's.
             version=version if served_version is None else int(served_version),
+            spans_sync=served_version is not None and output.extra_fields.get("max_global_steps") != served_version,
             teacher_topk_ids=topk_ids,
             teacher_topk_log_probs=topk_log_probs,
             teacher_cond=teacher_full[n_prompt - 1 :],
@@ -326,8 +339,12 @@ class AsyncRolloutManager:
 
     async def _prefill(self, client, ids: list[int], who: str, position: int) -> list[float]:
         params = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0, "detokenize": False}
-        output = await self._request(client, ids, params, f"{who} prefill for prompt #{position}")
-        return _actual_token_logprobs(output.extra_fields)
+        while True:
+            output = await self._request(client, ids, params, f"{who} prefill for prompt #{position}")
+            # A weight sync to standalone replicas aborts what they are running; the prefill is
+            # sent again and waits at the server until the sync is done.
+            if output.stop_reason not in ("aborted", "abort"):
+                return _actual_token_logprobs(output.extra_fields)
 
     # ---- what the trainer reads ----------------------------------------------------------------
 

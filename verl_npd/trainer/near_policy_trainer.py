@@ -71,8 +71,43 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         self.output_dir = os.path.abspath(self.npd.output_dir)
         self.rollout_manager: AsyncRolloutManager | None = None
+        # verl's own switch for a rollout pool of its own (rollout.yaml: "Number of nodes for
+        # standalone rollout server"), as in its separate_async trainer.
+        self.standalone_rollout = rollout.nnodes > 0
 
     # ---- setup ---------------------------------------------------------------------------------
+
+    def init_workers(self):
+        super().init_workers()
+        if self.standalone_rollout:
+            self._init_standalone_rollout()
+
+    def _init_standalone_rollout(self) -> None:
+        """Student generation on replicas with their own resources, as verl's separate_async does
+        (trainer_separate_async.py ``_setup``): the trainer never waits for its GPUs to switch.
+
+        verl 0.9.1's ``RayPPOTrainer`` always builds colocated replicas too (ray_trainer.py:334).
+        They serve validation only here, woken and synced in-process (the ``naive`` engine) for it
+        and put back to sleep after, while the standalone replicas get the weights through the
+        configured checkpoint engine (nccl on GPUs, ``npd_gloo`` on CPU) every ``sync_interval``.
+        """
+        from dataclasses import replace
+
+        from verl.checkpoint_engine import CheckpointEngineManager
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.rollout.llm_server import LLMServerManager
+
+        engine_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.rollout.checkpoint_engine)
+        colocated = self.llm_server_manager.get_replicas()
+        self.checkpoint_manager = CheckpointEngineManager(
+            config=replace(engine_config, backend="naive"), actor_wg=self.actor_rollout_wg, replicas=colocated
+        )
+        self.standalone_server_manager = LLMServerManager.create(config=self.config, start_rank=len(colocated))
+        self.standalone_checkpoint_manager = CheckpointEngineManager(
+            config=engine_config,
+            actor_wg=self.actor_rollout_wg,
+            replicas=self.standalone_server_manager.get_replicas(),
+        )
 
     def _prompt_item(self, position: int) -> PromptItem:
         row = self.train_dataset[self.stream.dataset_index(position)]
@@ -99,8 +134,16 @@ class NearPolicyTrainer(RayPPOTrainer):
         sample_filter = get_sample_filter("delta_ifd")(self.npd.filter)
         prompts_in_flight = self.npd.generation.max_concurrent_prompts
         wave_size = min(self.config.data.train_batch_size, prompts_in_flight)
+        if self.standalone_rollout:
+            from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
+
+            student_client = self.standalone_server_manager.get_client()
+            student_generation_client = self.standalone_server_manager.get_client(client_cls=FullyAsyncLLMServerClient)
+        else:
+            student_client = student_generation_client = self.llm_server_manager.get_client()
         return AsyncRolloutManager(
-            student_client=self.llm_server_manager.get_client(),
+            student_client=student_client,
+            student_generation_client=student_generation_client,
             teacher_topk_scorer=AsyncTeacherLLMServerManager(self.config, teacher_clients),
             teacher_clients=teacher_clients,
             buffer=self.buffer,
@@ -135,11 +178,10 @@ class NearPolicyTrainer(RayPPOTrainer):
         summary = RunSummary(
             output_dir=self.output_dir, resume_step=first_step, extra={"teacher_accuracy": self._teacher_accuracy()}
         )
-        self.checkpoint_manager.update_weights(self.global_steps)
-        self.buffer.set_rollout_version(self.global_steps)
+        self._sync_weights(self.global_steps)
 
         if self.config.trainer.get("val_before_train", True) and not self.stop_requested.is_set():
-            val_metrics = self._validate()
+            val_metrics = self._validate_student()
             summary.record_validation(self.global_steps, val_metrics, initial=True)
             tracker.log(data=val_metrics, step=self.global_steps)
 
@@ -164,14 +206,14 @@ class NearPolicyTrainer(RayPPOTrainer):
                     and drift > self.npd.adaptive_sync.drift_kl_threshold
                 )
                 if step % self.npd.sync_interval == 0 or adaptive or step == total:
-                    metrics["timing/sync"] = self._sync_weights(step)
+                    metrics.update(self._sync_weights(step))
                     metrics["npd/adaptive_sync"] = float(adaptive and step % self.npd.sync_interval != 0)
                     last_sync_step = step
                 metrics["npd/steps_since_sync"] = float(step - last_sync_step)
                 metrics.update(self.rollout_manager.drain_metrics())
                 test_freq = self.config.trainer.test_freq
                 if test_freq > 0 and (step % test_freq == 0 or step == total):
-                    val_metrics = self._validate()
+                    val_metrics = self._validate_student()
                     metrics.update(val_metrics)
                     summary.record_validation(step, val_metrics)
                 save_freq = self.config.trainer.save_freq
@@ -222,11 +264,24 @@ class NearPolicyTrainer(RayPPOTrainer):
         teachers = list(self.config.distillation.teacher_models.values())
         return known_teacher_accuracy(teachers[0].model_path) if len(teachers) == 1 else None
 
-    def _sync_weights(self, step: int) -> float:
+    def _sync_weights(self, step: int) -> dict[str, float]:
+        """Send the student's weights to the replicas that generate its samples."""
         start = time.perf_counter()
-        self.checkpoint_manager.update_weights(step)
+        manager = self.standalone_checkpoint_manager if self.standalone_rollout else self.checkpoint_manager
+        engine_metrics = manager.update_weights(step) or {}
         self.buffer.set_rollout_version(step)
-        return time.perf_counter() - start
+        return {"timing/sync": time.perf_counter() - start, **engine_metrics}
+
+    def _validate_student(self) -> dict[str, float]:
+        """verl's validation (toy reward / accuracy on held-out prompts) through the colocated
+        replicas. With standalone rollout they are synced to the trainer's current weights for it
+        and sleep again after; otherwise they are the generating replicas and hold the last sync."""
+        if not self.standalone_rollout:
+            return self._validate()
+        self.checkpoint_manager.update_weights(self.global_steps)
+        metrics = self._validate()
+        self.checkpoint_manager.sleep_replicas()
+        return metrics
 
     def _train_step(self) -> dict[str, float]:
         step_start = time.perf_counter()

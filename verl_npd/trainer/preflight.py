@@ -41,7 +41,25 @@ def preflight(config: DictConfig) -> None:
     for field_name in ("data.train_files", "data.val_files"):
         paths = check_data_files(field_name, config.data[field_name.split(".")[1]], prompt_key)
         check_prompt_lengths(field_name, paths, prompt_key, student_tokenizer, config.data)
+    check_standalone_rollout(config.actor_rollout_ref.rollout)
     check_resources(config)
+
+
+def check_standalone_rollout(rollout: DictConfig) -> None:
+    """Standalone replicas (``rollout.nnodes > 0``) live in other processes or on other GPUs: the
+    in-process ``naive`` weight sync cannot reach them."""
+    if rollout.nnodes <= 0:
+        return
+    if rollout.n_gpus_per_node <= 0:
+        raise PreflightError(
+            f"actor_rollout_ref.rollout.n_gpus_per_node is {rollout.n_gpus_per_node}: a standalone rollout "
+            f"(actor_rollout_ref.rollout.nnodes={rollout.nnodes}) needs GPUs (logical ones on CPU)"
+        )
+    if rollout.checkpoint_engine.backend == "naive":
+        raise PreflightError(
+            "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot sync a standalone rollout "
+            f"(actor_rollout_ref.rollout.nnodes={rollout.nnodes}); use nccl on GPUs or npd_gloo on CPU"
+        )
 
 
 def load_tokenizer(path: str, which: str, trust_remote_code: bool):
@@ -145,26 +163,28 @@ def check_prompt_lengths(field_name: str, paths: list[str], prompt_key: str, tok
 
 
 def check_resources(config: DictConfig) -> None:
-    """verl asks Ray for one GPU (logical on CPU) per trainer and teacher worker."""
+    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker."""
     from verl.utils.device import get_device_name
 
-    needed = config.trainer.n_gpus_per_node * config.trainer.nnodes
-    needed += config.distillation.n_gpus_per_node * config.distillation.nnodes
+    rollout = config.actor_rollout_ref.rollout
+    pools = {
+        "trainer": config.trainer.n_gpus_per_node * config.trainer.nnodes,
+        "teacher": config.distillation.n_gpus_per_node * config.distillation.nnodes,
+        "standalone rollout": rollout.n_gpus_per_node * max(rollout.nnodes, 0),
+    }
+    needed = sum(pools.values())
+    breakdown = " + ".join(f"{name} {count}" for name, count in pools.items() if count)
     if get_device_name() == "cpu":
         declared = config.get("ray_kwargs", {}).get("ray_init", {}).get("num_gpus")
         if declared is None or declared < needed:
             raise PreflightError(
-                f"this CPU run needs {needed} logical GPUs (trainer.n_gpus_per_node * trainer.nnodes + "
-                f"distillation.n_gpus_per_node * distillation.nnodes) but ray_kwargs.ray_init.num_gpus is "
+                f"this CPU run needs {needed} logical GPUs ({breakdown}) but ray_kwargs.ray_init.num_gpus is "
                 f"{declared}; set +ray_kwargs.ray_init.num_gpus={needed}"
             )
         return
-    if config.trainer.nnodes == 1 and config.distillation.nnodes <= 1:
+    if config.trainer.nnodes == 1 and config.distillation.nnodes <= 1 and rollout.nnodes <= 1:
         import torch
 
         available = torch.cuda.device_count()
         if available < needed:
-            raise PreflightError(
-                f"this run needs {needed} GPUs (trainer {config.trainer.n_gpus_per_node} + teacher "
-                f"{config.distillation.n_gpus_per_node}) but this node has {available}"
-            )
+            raise PreflightError(f"this run needs {needed} GPUs ({breakdown}) but this node has {available}")
