@@ -20,6 +20,14 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     assert all(row["npd/staleness_max"] <= 1 for row in history)
     assert all(0 < row["npd/packing_efficiency"] <= 1 for row in history)
     assert all(row["actor/loss"] == row["actor/loss"] and row["actor/loss"] >= 0 for row in history)
+    # Every metric NPD_SPEC.md names is logged.
+    spec_metrics = {
+        *("npd/kept_fraction", "npd/delta_ifd_p05", "npd/delta_ifd_p50", "npd/delta_ifd_p95"),
+        *("npd/staleness_mean", "npd/staleness_max", "npd/drift_kl", "npd/packing_efficiency"),
+        *("timing/wait_gen", "timing/teacher", "timing/train", "timing/sync", "perf/train_tokens_per_s"),
+        "val-core/npd_toy_arith/acc/mean@1",
+    }
+    assert spec_metrics <= set().union(*history), spec_metrics - set().union(*history)
     assert "NPD run summary" in result.stdout
     assert (out / "accuracy.png").exists()
 

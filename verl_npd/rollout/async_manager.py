@@ -261,6 +261,10 @@ class AsyncRolloutManager:
             metrics["timing/wave"] = time.monotonic() - start
             for key in ("gen", "teacher"):
                 metrics[f"timing/{key}_per_sample"] = float(np.mean([g.timing[key] for g in generated]))
+            # The wave's teacher scoring, first request to last answer (samples are scored concurrently).
+            metrics["timing/teacher"] = max(g.timing["teacher_end"] for g in generated) - min(
+                g.timing["teacher_start"] for g in generated
+            )
             metrics["npd/response_length_mean"] = float(np.mean([len(g.response_ids) for g in generated]))
             metrics["npd/spans_sync_fraction"] = float(np.mean([g.spans_sync for g in generated]))
             self._metrics.append(metrics)
@@ -321,7 +325,7 @@ class AsyncRolloutManager:
             teacher_cond=teacher_full[n_prompt - 1 :],
             teacher_uncond=teacher_uncond[n_header - 1 :],
             behaviour_uncond=behaviour_uncond[n_header - 1 :],
-            timing={"gen": t1 - t0, "teacher": t2 - t1},
+            timing={"gen": t1 - t0, "teacher": t2 - t1, "teacher_start": t1, "teacher_end": t2},
         )
 
     def _teacher_client(self, routing_key: str | None):
