@@ -22,15 +22,17 @@ def run_pipeline(buffer: NearPolicyBuffer, steps: int, sync_interval: int, chunk
         try:
             while not stop.is_set():
                 try:
-                    version = buffer.acquire(chunk, timeout=0.05)
+                    version, granted = buffer.acquire(chunk, timeout=0.05)
                 except TimeoutError:
                     continue
-                kept = [Sample(uid=f"s{i + j}", version=version) for j in range(chunk)]
-                filtered = 0
-                if filter_every and i % filter_every == 0:
-                    kept, filtered = kept[1:], 1
-                i += chunk
-                buffer.put(kept, reserved=chunk, filtered=filtered)
+                # The filter rejects every filter_every-th sample generated.
+                kept = [
+                    Sample(uid=f"s{j}", version=version)
+                    for j in range(i, i + granted)
+                    if not (filter_every and j % filter_every == 0)
+                ]
+                i += granted
+                buffer.put(kept, reserved=granted, filtered=granted - len(kept))
         except Exception as e:  # surfaced to the test body
             errors.append(e)
 
@@ -61,6 +63,29 @@ def test_staleness_never_exceeds_the_bound(policy, sync_interval, max_staleness)
         assert buffer.counters.dropped_stale == 0
 
 
+@pytest.mark.parametrize("sync_interval, max_staleness", [(1, 0), (2, 1), (4, 3)])
+def test_wait_drops_nothing_when_the_filter_thins_every_wave(sync_interval, max_staleness):
+    # Waves as large as a batch, an eighth of each filtered out: the last wave before a sync must
+    # be cut to what the trainer still needs, or its surplus goes stale (40 of 64 per sync before).
+    buffer = NearPolicyBuffer(capacity=64, max_staleness=max_staleness, batch_size=16, stale_policy="wait")
+    staleness = run_pipeline(buffer, steps=24, sync_interval=sync_interval, chunk=16, filter_every=8)
+    c = buffer.counters
+    assert c.filtered > 0 and len(staleness) == 24 * 16
+    assert max(staleness) <= max_staleness
+    assert c.dropped_stale == 0
+    assert c.generated - c.filtered == c.consumed + buffer.queued
+
+
+def test_one_unit_is_granted_even_when_fewer_samples_would_be_fresh():
+    # Four samples per prompt; the trainer still needs 2 at this version: one whole prompt is
+    # granted (2 of its samples will go stale) instead of both sides waiting for each other.
+    buffer = NearPolicyBuffer(capacity=32, max_staleness=0, batch_size=8, stale_policy="wait")
+    buffer.acquire(8, unit=4)
+    buffer.put([Sample(uid=str(i), version=0) for i in range(6)], reserved=8, filtered=2)
+    assert buffer.acquire(8, unit=4) == (0, 4)
+    assert buffer.in_flight == 4
+
+
 def test_sync_every_step_with_zero_staleness_is_exactly_on_policy():
     buffer = NearPolicyBuffer(capacity=64, max_staleness=0, batch_size=8, stale_policy="wait")
     staleness = run_pipeline(buffer, steps=20, sync_interval=1, chunk=4)
@@ -78,7 +103,7 @@ def test_generation_runs_ahead_when_staleness_allows_it():
 
 def test_backpressure_blocks_the_producer_and_drops_nothing():
     buffer = NearPolicyBuffer(capacity=8, max_staleness=10, batch_size=4, stale_policy="drop")
-    assert buffer.acquire(8) == 0
+    assert buffer.acquire(8) == (0, 8)
     buffer.put([Sample(uid=str(i), version=0) for i in range(8)], reserved=8)
     with pytest.raises(TimeoutError):
         buffer.acquire(1, timeout=0.2)

@@ -11,8 +11,9 @@ Per sample (a prompt x and one response y), all on the servers:
    teacher manager) and the log-prob of every actual token (s_T(y|x));
 3. one prefill each of header+y (the assistant header without the user turn) on the teacher and
    the rollout replica give the unconditional terms s_T(y) and s_B(y).
-Samples are processed in waves of ``wave_size`` prompts; a wave is the Δ-IFD filter's scoring
-window, and several waves are in flight at once.
+Samples are processed in waves of up to ``wave_size`` prompts (fewer when the buffer grants fewer:
+only as many as will still be fresh for the trainer); a wave is the Δ-IFD filter's scoring window,
+and several waves are in flight at once.
 
 A weight sync to standalone rollout replicas (their own GPUs, a checkpoint engine) aborts the
 requests they are running. Generation then goes through ``student_generation_client``, verl's
@@ -220,18 +221,19 @@ class AsyncRolloutManager:
 
     async def _generate_forever(self) -> None:
         waves = asyncio.Semaphore(self.max_waves_in_flight)
-        reserve = self.wave_size * self.samples_per_prompt
+        wanted = self.wave_size * self.samples_per_prompt
         while not self._stopping:
             await waves.acquire()
             try:
-                version = await asyncio.to_thread(self.buffer.acquire, reserve)
+                # Fewer than a full wave when only that many would still be fresh for the trainer.
+                version, granted = await asyncio.to_thread(self.buffer.acquire, wanted, None, self.samples_per_prompt)
             except BaseException:
                 waves.release()
                 raise
             with self._lock:
-                positions = self.stream.take(self.wave_size)
+                positions = self.stream.take(granted // self.samples_per_prompt)
                 self._in_flight_positions.update(positions)
-            task = asyncio.create_task(self._run_wave(positions, version, reserve))
+            task = asyncio.create_task(self._run_wave(positions, version, granted))
 
             def on_done(t: asyncio.Task) -> None:
                 waves.release()
