@@ -57,7 +57,8 @@ def kill_session(process: subprocess.Popen) -> None:
     except ProcessLookupError:  # the session already ended
         pass
     process.wait(timeout=60)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    # The venv's own ray CLI: the tests may run without the venv on PATH.
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
