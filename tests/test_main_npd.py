@@ -3,7 +3,7 @@ npd_cpu rollout and teacher servers, weight syncs and checkpoints on disk."""
 
 import json
 
-from conftest import FAST, read_jsonl, run_module
+from conftest import read_jsonl, run_module, run_on_policy
 
 
 def test_default_run_improves_the_student(toy_world, tmp_path):
@@ -33,43 +33,15 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
 
 
 def test_sync_every_step_with_zero_staleness_is_on_policy(toy_world, tmp_path):
-    out = tmp_path / "run"
-    result = run_module(
-        "verl_npd.main_npd",
-        [
-            *FAST,
-            f"npd.output_dir={out}",
-            "npd.total_steps=4",
-            "npd.sync_interval=1",
-            "npd.buffer.max_staleness=0",
-            "trainer.val_before_train=false",
-            "trainer.test_freq=-1",
-        ],
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    history = read_jsonl(out / "metrics.jsonl")
-    assert [row["step"] for row in history] == [1, 2, 3, 4]
-    for row in history:
-        # Every sample of step t was generated, per the rollout server's own report, by the
-        # weights of version t-1: the ones being trained.
-        assert row["npd/behaviour_version_min"] == row["npd/behaviour_version_max"] == row["step"] - 1
-        assert row["npd/staleness_max"] == 0
-        assert row["timing/sync"] > 0
+    run_on_policy(tmp_path / "run", ["trainer.val_before_train=false", "trainer.test_freq=-1"])
 
 
 def test_standalone_rollout_gets_exact_weights_through_the_gloo_engine(toy_world, tmp_path):
     """The student's replica in a pool of its own (``rollout.nnodes=1``), synced by ``npd_gloo``
     across processes; validation on the colocated replica, synced in-process for it."""
-    out = tmp_path / "run"
-    result = run_module(
-        "verl_npd.main_npd",
+    history = run_on_policy(
+        tmp_path / "run",
         [
-            *FAST,
-            f"npd.output_dir={out}",
-            "npd.total_steps=4",
-            "npd.sync_interval=1",
-            "npd.buffer.max_staleness=0",
             "trainer.val_before_train=false",
             "trainer.test_freq=4",
             "actor_rollout_ref.rollout.nnodes=1",
@@ -77,16 +49,11 @@ def test_standalone_rollout_gets_exact_weights_through_the_gloo_engine(toy_world
             "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo",
             "ray_kwargs.ray_init.num_gpus=3",
         ],
-        timeout=900,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    history = read_jsonl(out / "metrics.jsonl")
-    assert [row["step"] for row in history] == [1, 2, 3, 4]
     from safetensors.torch import load_file
 
     model_bytes = sum(t.nbytes for t in load_file(f"{toy_world.student_dir}/model.safetensors").values())
     for row in history:
-        assert row["npd/behaviour_version_min"] == row["npd/behaviour_version_max"] == row["step"] - 1
         # Every step, all the weights went over the wire (fp32, as stored) ...
         assert row["checkpoint_engine/npd_gloo/mbytes"] * 2**20 == model_bytes
         # ... and arrived exactly: the replica's log-probs of its own samples are the trainer's
