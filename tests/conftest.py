@@ -38,18 +38,20 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_on_policy(out, extra_args: list[str], timeout: float = 900) -> list[dict]:
-    """Four small ``main_npd`` steps with a weight sync after each and no staleness allowed.
+def run_on_policy(
+    out, extra_args: list[str], timeout: float = 900, env: dict | None = None, steps: int = 4
+) -> list[dict]:
+    """``steps`` small ``main_npd`` steps with a weight sync after each and no staleness allowed.
 
     Checks that the run exits 0 and that every sample of step t was generated, per the rollout
     server's own report, by the weights of version t-1: the ones being trained. Returns the rows of
     ``metrics.jsonl``.
     """
-    on_policy = ["npd.total_steps=4", "npd.sync_interval=1", "npd.buffer.max_staleness=0"]
-    result = run_module("verl_npd.main_npd", [*FAST, f"npd.output_dir={out}", *on_policy, *extra_args], timeout)
+    on_policy = [f"npd.total_steps={steps}", "npd.sync_interval=1", "npd.buffer.max_staleness=0"]
+    result = run_module("verl_npd.main_npd", [*FAST, f"npd.output_dir={out}", *on_policy, *extra_args], timeout, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = read_jsonl(out / "metrics.jsonl")
-    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    assert [row["step"] for row in history] == list(range(1, steps + 1))
     for row in history:
         assert row["npd/behaviour_version_min"] == row["npd/behaviour_version_max"] == row["step"] - 1
         assert row["npd/staleness_max"] == 0
