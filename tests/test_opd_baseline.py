@@ -1,5 +1,6 @@
 """verl's built-in on-policy distillation runs on CPU through verl's own entry point, with the
-plugin's platform, rollout backend and loss: finite losses, and after every weight sync the rollout
+plugin's platform, rollout backend and loss, on 2 data-parallel trainer ranks (so that NPD and the
+baseline can be compared at equal width): finite losses, and after every weight sync the rollout
 server's log-probs equal the trainer's."""
 
 import re
@@ -26,12 +27,16 @@ def test_verl_main_ppo_distils_on_cpu(toy_world, tmp_path):
             "trainer.test_freq=3",
             "data.val_max_samples=64",
             f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+            "trainer.n_gpus_per_node=2",
+            "ray_kwargs.ray_init.num_gpus=3",
         ],
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [line for line in result.stdout.splitlines() if re.search(r"step:[1-3] - ", line)]
     assert len(steps) == 3, result.stdout[-3000:]
+    # Two FSDP ranks trained: Ray prefixes each worker process's output with its pid.
+    assert len(set(re.findall(r"\(WorkerDict pid=(\d+)", result.stdout + result.stderr))) == 2
     for line in steps:
         loss = metric(line, "actor/distillation/loss")
         assert 0 <= loss < 20
