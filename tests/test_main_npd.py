@@ -2,6 +2,7 @@
 npd_cpu rollout and teacher servers, weight syncs and checkpoints on disk."""
 
 import json
+import math
 
 from conftest import read_jsonl, run_module, run_on_policy
 
@@ -11,15 +12,17 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     result = run_module("verl_npd.main_npd", [f"npd.output_dir={out}", "trainer.logger=[console]"], timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30
+    assert summary["steps"] == 90
     assert summary["student_accuracy_before"] is not None and summary["student_accuracy_after"] is not None
     # The student must clearly improve (the toy teacher is ~97%; a reference run went 31% -> 49%).
     assert summary["student_accuracy_after"] >= summary["student_accuracy_before"] + 0.08, summary
     assert summary["teacher_accuracy"] > 0.9
     history = read_jsonl(out / "metrics.jsonl")
-    assert all(row["npd/staleness_max"] <= 1 for row in history)
+    # The default bound (npd.buffer.max_staleness=2) is reached, never passed, and nothing went stale.
+    assert max(row["npd/staleness_max"] for row in history) == 2
+    assert summary["buffer"]["dropped_stale"] == 0
     assert all(0 < row["npd/packing_efficiency"] <= 1 for row in history)
-    assert all(row["actor/loss"] == row["actor/loss"] and row["actor/loss"] >= 0 for row in history)
+    assert all(math.isfinite(row["actor/loss"]) and row["actor/loss"] >= 0 for row in history)
     # Every metric NPD_SPEC.md names is logged.
     spec_metrics = {
         *("npd/kept_fraction", "npd/delta_ifd_p05", "npd/delta_ifd_p50", "npd/delta_ifd_p95"),

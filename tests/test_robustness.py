@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, REPO, read_jsonl, run_module
-from verl_npd.rollout.async_manager import RequestFailed, call_with_retries
+from verl_npd.rollout.scoring import RequestFailed, call_with_retries
 
 QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
 

@@ -31,7 +31,7 @@ def _verl_version_matches(patch_name: str) -> bool:
     return False
 
 
-def _apply_once(patch_name: str, apply) -> None:
+def apply_once(patch_name: str, apply) -> None:
     if patch_name in _APPLIED or not _verl_version_matches(patch_name):
         return
     apply()
@@ -100,7 +100,7 @@ def apply_resource_fail_fast() -> None:
 
         RayResourcePool.get_placement_groups = get_placement_groups
 
-    _apply_once("resource_fail_fast", apply)
+    apply_once("resource_fail_fast", apply)
 
 
 def register() -> None:
@@ -111,10 +111,10 @@ def register() -> None:
 
 def apply_cpu_patches() -> None:
     """Patches needed only when verl runs on the CPU platform."""
-    _apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
-    _apply_once("fsdp_engine_on_cpu", _patch_fsdp_engine_lookup)
+    apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
+    apply_once("fsdp_engine_on_cpu", _patch_fsdp_engine_lookup)
     if _vllm_cpu_version_matches():
-        _apply_once("vllm_cpu_rollout", _patch_vllm_cpu_rollout)
+        apply_once("vllm_cpu_rollout", _patch_vllm_cpu_rollout)
 
 
 # vLLM's community CPU build, distributed as `vllm-cpu` (setup.py's `vllm-cpu` extra).
@@ -301,7 +301,7 @@ def apply_packed_micro_batches() -> None:
 
         engine_utils.prepare_micro_batches = prepare_micro_batches
 
-    _apply_once("packed_micro_batches", apply)
+    apply_once("packed_micro_batches", apply)
 
 
 def _micro_batches_from_assignment(data, dp_group):
@@ -355,7 +355,7 @@ def apply_topk_loss_dispatch(loss_modes, compute_topk_outputs) -> None:
 
         verl_losses.compute_topk_loss = compute_topk_loss
 
-    _apply_once("topk_loss_dispatch", apply)
+    apply_once("topk_loss_dispatch", apply)
 
 
 def apply_teacher_topk_engines(engine_names) -> None:
@@ -381,4 +381,4 @@ def apply_teacher_topk_engines(engine_names) -> None:
 
         DistillationTeacherModelConfig._validate_topk_logprobs = _validate_topk_logprobs
 
-    _apply_once("teacher_topk_engines", apply)
+    apply_once("teacher_topk_engines", apply)

@@ -157,6 +157,9 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     prompt_topk_ids: list[list[int]] | None = None
     prompt_topk_logprobs: list[list[float]] | None = None
+    # log p(prompt token t+1 | tokens <= t) for every t, then one zero pad entry (S entries): what
+    # vLLM's prompt_logprobs also returns beside the top-k, so one prefill gives both.
+    prompt_token_logprobs: list[float] | None = None
     finish_reason: str | None = None
     """``"stop"`` (eos or stop token), ``"length"`` (max_tokens) or ``"abort"``."""
     abort_requested: bool = False
@@ -460,14 +463,16 @@ class BatchedEngine:
         """Fill verl's vLLM layout: entry t scores prompt token t+1, then one zero pad entry (S entries)."""
         logprobs = logits.log_softmax(dim=-1)
         k = seq.spec.prompt_logprobs
+        actual_ids = torch.tensor(seq.prompt_ids[1:], dtype=torch.long).unsqueeze(1)
+        actual = logprobs.gather(1, actual_ids)
         if k == 0:
-            ids = torch.tensor(seq.prompt_ids[1:], dtype=torch.long).unsqueeze(1)
-            values = logprobs.gather(1, ids)
+            ids, values = actual_ids, actual
         else:
             values, ids = logprobs.topk(k, dim=-1, sorted=True)
         width = max(k, 1)
         seq.prompt_topk_ids = ids.tolist() + [[0] * width]
         seq.prompt_topk_logprobs = values.tolist() + [[0.0] * width]
+        seq.prompt_token_logprobs = actual.squeeze(1).tolist() + [0.0]
 
     @staticmethod
     def _merge(old: _RunningBatch, new: _RunningBatch) -> _RunningBatch:

@@ -34,10 +34,10 @@ class BufferConfig:
         metadata={"help": "Samples queued or being generated at most; a full buffer pauses generation."},
     )
     max_staleness: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "Most policy versions a trained-on sample may lag the weights it is trained with. "
-            "0 with sync_interval=1 is exactly on-policy."
+            "0 with sync_interval=1 is exactly on-policy; >= sync_interval lets generation run across syncs."
         },
     )
     stale_policy: str = field(
@@ -75,8 +75,12 @@ class GenerationConfig:
     """``npd.generation``: the asynchronous generator."""
 
     max_concurrent_prompts: int = field(
-        default=64,
-        metadata={"help": "Prompts in flight at once (generation + teacher scoring); bounded by the buffer too."},
+        default=128,
+        metadata={
+            "help": "Prompts in flight at once (generation + teacher scoring), in waves of a batch's worth of "
+            "prompts plus those the filter is expected to drop (one wave when it is at most a batch); "
+            "bounded by the buffer too."
+        },
     )
     request_timeout_s: float = field(
         default=300.0, metadata={"help": "Seconds before a rollout or teacher request is retried."}

@@ -23,6 +23,7 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from verl_npd.platform.cpu_threads import share_cores
 from verl_npd.trainer.preflight import PreflightError, preflight
 from verl_npd.trainer.summary import format_summary
 
@@ -136,10 +137,15 @@ class GracefulStop:
 def run_npd(config: DictConfig) -> dict:
     """Check the config, run the trainer in Ray, print and return the summary."""
     from verl.trainer.main_ppo import run_ppo
-    from verl.utils.device import auto_set_device
+    from verl.utils.device import auto_set_device, get_device_name
 
     auto_set_device(config)
     preflight(config)
+    if get_device_name() == "cpu":
+        try:
+            share_cores(config)
+        except ValueError as e:
+            raise PreflightError(str(e)) from e
     output_dir = os.path.abspath(config.npd.output_dir)
     # verl's tensorboard backend writes to $TENSORBOARD_DIR (default ./tensorboard_log); keep a run's
     # event files with the rest of its outputs. Ray workers inherit the driver's environment.

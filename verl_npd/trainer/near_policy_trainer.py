@@ -41,6 +41,8 @@ from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
 from verl_npd.platform.verl_patches import MICRO_BATCH_KEY
 from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
 from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
+from verl_npd.rollout.cpu_server import ROLLOUT_NAME as CPU_ROLLOUT_NAME
+from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig
@@ -63,6 +65,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             max_staleness=self.npd.buffer.max_staleness,
             batch_size=self.samples_per_step,
             stale_policy=self.npd.buffer.stale_policy,
+            expected_keep_fraction=self._expected_keep_fraction(),
         )
         self.stream = PromptStream(
             dataset_size=len(self.train_dataset),
@@ -126,37 +129,56 @@ class NearPolicyTrainer(RayPPOTrainer):
             extra={"data_source": str(row.get("data_source"))},
         )
 
-    def _build_rollout_manager(self) -> AsyncRolloutManager:
-        from verl.experimental.teacher_loop.teacher_manager import AsyncTeacherLLMServerManager
+    def _expected_keep_fraction(self) -> float:
+        """What the Δ-IFD filter is expected to keep before it has kept anything: the width of a
+        quantile band, all otherwise (the buffer measures the real fraction as samples come)."""
+        band = self.npd.filter
+        if band.enabled and band.band == "quantile":
+            return max(band.hi - band.lo, 0.05)
+        return 1.0
 
+    def _build_rollout_manager(self) -> AsyncRolloutManager:
         rollout = self.config.actor_rollout_ref.rollout
-        teacher_clients = self.teacher_model_manager.get_client()
-        sample_filter = get_sample_filter("delta_ifd")(self.npd.filter)
-        prompts_in_flight = self.npd.generation.max_concurrent_prompts
-        wave_size = min(self.config.data.train_batch_size, prompts_in_flight)
+        generation = self.npd.generation
+        def pool(handles, name: str, engine: str) -> ServerPool:
+            return ServerPool(
+                handles,
+                name=name,
+                batched=engine == CPU_ROLLOUT_NAME,
+                timeout_s=generation.request_timeout_s,
+                max_retries=generation.max_retries,
+            )
+
+        student_servers = self.standalone_server_manager if self.standalone_rollout else self.llm_server_manager
+        student_pool = pool(student_servers.server_handles, "rollout", rollout.name)
         if self.standalone_rollout:
+            # A weight sync aborts what standalone replicas generate; verl's client resumes it.
             from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
 
-            student_client = self.standalone_server_manager.get_client()
-            student_generation_client = self.standalone_server_manager.get_client(client_cls=FullyAsyncLLMServerClient)
+            student_generation_client = student_servers.get_client(client_cls=FullyAsyncLLMServerClient)
         else:
-            student_client = student_generation_client = self.llm_server_manager.get_client()
+            student_generation_client = student_pool
+        teachers = self.teacher_model_manager.distillation_config.teacher_models
+        prompts_per_batch = self.config.data.train_batch_size
         return AsyncRolloutManager(
-            student_client=student_client,
             student_generation_client=student_generation_client,
-            teacher_topk_scorer=AsyncTeacherLLMServerManager(self.config, teacher_clients),
-            teacher_clients=teacher_clients,
+            student_scorer=student_pool,
+            teacher_scorers={
+                key: pool(handles, f"teacher {key!r}", teachers[key].inference.name)
+                for key, handles in self.teacher_model_manager.server_handles.items()
+            },
+            teacher_topk=self.config.distillation.distillation_loss.topk,
             buffer=self.buffer,
-            sample_filter=sample_filter,
+            sample_filter=get_sample_filter("delta_ifd")(self.npd.filter),
             prompt_fn=self._prompt_item,
             stream=self.stream,
             header_ids=TokenizerInfo.from_tokenizer(self.tokenizer).header_ids,
             samples_per_prompt=rollout.n,
             sampling_params={"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k},
-            wave_size=wave_size,
-            max_waves_in_flight=max(1, prompts_in_flight // wave_size),
-            request_timeout_s=self.npd.generation.request_timeout_s,
-            max_retries=self.npd.generation.max_retries,
+            max_wave_prompts=generation.max_concurrent_prompts,
+            max_waves_in_flight=max(1, generation.max_concurrent_prompts // prompts_per_batch),
+            request_timeout_s=generation.request_timeout_s,
+            max_retries=generation.max_retries,
             seed=self.stream.seed,
         )
 
