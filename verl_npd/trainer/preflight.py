@@ -3,8 +3,11 @@ one line naming the field, file or row, instead of failing deep inside a worker 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
+import traceback
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +35,7 @@ def preflight(config: DictConfig) -> None:
         )
         for key, teacher in config.distillation.teacher_models.items()
     }
+    check_verl_config(config)
     trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
     student_tokenizer = load_tokenizer(student_path, "student", trust)
     for field_name, teacher_path in teacher_paths.items():
@@ -71,8 +75,18 @@ def load_tokenizer(path: str, which: str, trust_remote_code: bool):
         raise PreflightError(f"cannot load the {which} tokenizer from {path!r}: {e}") from None
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# What a Hugging Face model directory needs, each as the files that can provide it.
+MODEL_PARTS = {
+    "config": ("config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"),
+    "weights": ("model.safetensors", "pytorch_model.bin", *WEIGHT_INDEXES),
+}
+
+
 def check_model_path(field_name: str, path: str | None) -> str:
-    """A local model directory must exist and hold a config; a hub id (org/name) is left to verl."""
+    """A local model directory must exist and hold a config, a tokenizer and readable weights; a hub
+    id (org/name) is left to verl."""
     if not path:
         raise PreflightError(f"{field_name} is not set")
     expanded = os.path.expanduser(str(path))
@@ -81,9 +95,130 @@ def check_model_path(field_name: str, path: str | None) -> str:
         return str(path)
     if not os.path.isdir(expanded):
         raise PreflightError(f"{field_name}: model directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(expanded, "config.json")):
-        raise PreflightError(f"{field_name}: {path!r} has no config.json, so it is not a Hugging Face model directory")
+    missing = [
+        f"no {part} ({' or '.join(names)})"
+        for part, names in MODEL_PARTS.items()
+        if not any(os.path.isfile(os.path.join(expanded, name)) for name in names)
+    ]
+    if missing:
+        raise PreflightError(f"{field_name}: model directory {path!r} has {' and '.join(missing)}")
+    try:
+        with open(os.path.join(expanded, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{field_name}: cannot read {os.path.join(str(path), 'config.json')!r}: {e}") from None
+    problem = weights_problem(expanded)
+    if problem:
+        raise PreflightError(f"{field_name}: model directory {path!r}: {problem}")
     return expanded
+
+
+def weights_problem(model_dir: str) -> str | None:
+    """What is wrong with the weights: an index's missing shards, or a safetensors file whose header
+    is unreadable or does not cover the file (truncated). Reads file headers only."""
+    index_name = next((name for name in WEIGHT_INDEXES if os.path.isfile(os.path.join(model_dir, name))), None)
+    if index_name is None:
+        return safetensors_problem(model_dir, "model.safetensors")
+    try:
+        with open(os.path.join(model_dir, index_name)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        return f"cannot read the shard list of {index_name}: {e!r}"
+    absent = [shard for shard in shards if not os.path.isfile(os.path.join(model_dir, shard))]
+    if absent:
+        return f"{index_name} lists {len(shards)} shards, {len(absent)} missing: {', '.join(absent)}"
+    return next(filter(None, (safetensors_problem(model_dir, shard) for shard in shards)), None)
+
+
+def safetensors_problem(model_dir: str, name: str) -> str | None:
+    """Why ``name`` (if it is a safetensors file in ``model_dir``) cannot be read, else None."""
+    if not name.endswith(".safetensors") or not os.path.isfile(os.path.join(model_dir, name)):
+        return None
+    from safetensors import safe_open
+
+    try:
+        # safe_open parses the header and checks that its tensors exactly cover the file.
+        with safe_open(os.path.join(model_dir, name), framework="np"):
+            return None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its name
+        return f"{name} is not a readable safetensors file (truncated or corrupt?): {e}"
+
+
+# The config sections that verl turns into its config dataclasses during an NPD run, where their
+# ``__post_init__`` checks run inside Ray: the model (our task runner, engine_workers.py:540),
+# actor (engine_workers.py:593), rollout and its checkpoint engine (engine_workers.py:651, :679)
+# and distillation (ray_trainer.py:934).
+VERL_CONFIG_SECTIONS = (
+    "actor_rollout_ref.model",
+    "actor_rollout_ref.actor",
+    "actor_rollout_ref.rollout",
+    "distillation",
+)
+
+
+def check_verl_config(config: DictConfig) -> None:
+    """Build verl's config dataclasses from the composed config as verl will, so that a value verl
+    rejects fails here, named by its full key, rather than in a worker after Ray has started.
+
+    Importing verl loads our plugin first, so our loss modes, engines and patches are in place."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    for key in VERL_CONFIG_SECTIONS:
+        section = OmegaConf.select(config, key)
+        try:
+            omega_conf_to_dataclass(section)
+        except Exception as error:  # noqa: BLE001 - whatever verl raises is reported with the key
+            raise PreflightError(describe_verl_config_error(*deepest_failure(key, section, error))) from None
+
+
+def deepest_failure(key: str, section: DictConfig, error: Exception) -> tuple[str, DictConfig, Exception]:
+    """``section`` (at ``key``) failed to build with ``error``; find the deepest section under it that
+    fails on its own (building a section builds its sub-sections first)."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    for child_key, child in target_sections(section, key):
+        try:
+            omega_conf_to_dataclass(child)
+        except Exception as child_error:  # noqa: BLE001
+            return deepest_failure(child_key, child, child_error)
+    return key, section, error
+
+
+def target_sections(node: DictConfig, key: str):
+    """The nearest sections below ``node`` that name a dataclass (``_target_``), with their keys."""
+    for name, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig):
+            if "_target_" in child:
+                yield f"{key}.{name}", child
+            else:
+                yield from target_sections(child, f"{key}.{name}")
+
+
+def describe_verl_config_error(key: str, section: DictConfig, error: Exception) -> str:
+    """One line: the full key of the field the error names (else of the section), and verl's reason."""
+    from hydra.errors import InstantiationException
+
+    cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+    reason = " ".join(str(cause).split())
+    if not reason:  # a bare ``assert``: its source line says what was checked
+        reason = f"{type(cause).__name__}: {traceback.extract_tb(cause.__traceback__)[-1].line}"
+    field = first_named_field(section, reason)
+    where = f"{key}.{field}" if field else key
+    return f"{where}: {reason} (verl's {section._target_.rsplit('.', 1)[-1]})"
+
+
+def first_named_field(section: DictConfig, text: str) -> str | None:
+    """The field of ``section`` that ``text`` mentions first, spelled as its name or as words
+    (``loss_mode`` or "loss mode"); the longest name wins a tie."""
+    found = []
+    for name in section.keys():
+        if str(name).startswith("_"):
+            continue
+        for spelling in {str(name), str(name).replace("_", " ")}:
+            match = re.search(rf"(?<!\w){re.escape(spelling)}(?!\w)", text, re.IGNORECASE)
+            if match:
+                found.append((match.start(), -len(str(name)), str(name)))
+    return min(found)[2] if found else None
 
 
 def check_same_vocabulary(student, teacher, field_name: str) -> None:
