@@ -38,7 +38,7 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_on_policy(out, extra_args: list[str], timeout: float = 900) -> list[dict]:
+def run_on_policy(out, extra_args: list[str], timeout: float = 900, env: dict | None = None) -> list[dict]:
     """Four small ``main_npd`` steps with a weight sync after each and no staleness allowed.
 
     Checks that the run exits 0 and that every sample of step t was generated, per the rollout
@@ -46,7 +46,7 @@ def run_on_policy(out, extra_args: list[str], timeout: float = 900) -> list[dict
     ``metrics.jsonl``.
     """
     on_policy = ["npd.total_steps=4", "npd.sync_interval=1", "npd.buffer.max_staleness=0"]
-    result = run_module("verl_npd.main_npd", [*FAST, f"npd.output_dir={out}", *on_policy, *extra_args], timeout)
+    result = run_module("verl_npd.main_npd", [*FAST, f"npd.output_dir={out}", *on_policy, *extra_args], timeout, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = read_jsonl(out / "metrics.jsonl")
     assert [row["step"] for row in history] == [1, 2, 3, 4]

@@ -3,6 +3,9 @@ npd_cpu rollout and teacher servers, weight syncs and checkpoints on disk."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 from conftest import read_jsonl, run_module, run_on_policy
 
@@ -35,8 +38,23 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     assert (out / "accuracy.png").exists()
 
 
-def test_sync_every_step_with_zero_staleness_is_on_policy(toy_world, tmp_path):
-    run_on_policy(tmp_path / "run", ["trainer.val_before_train=false", "trainer.test_freq=-1"])
+# The newest TRL: it has no AutoModelForCausalLMWithValueHead, which verl 0.9.1 imports whenever
+# TRL is installed (verl_npd/platform/verl_patches.py, apply_trl_without_value_head).
+NEWEST_TRL = "trl==1.16.0"
+
+
+def test_on_policy_run_beside_the_newest_trl(toy_world, tmp_path):
+    """Run beside the newest TRL, as most users' environments have it: on the path of the driver
+    and, through the environment Ray passes on, of every worker."""
+    trl_dir = tmp_path / "trl"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(trl_dir), NEWEST_TRL]
+    subprocess.run(pip, check=True)
+    python_path = os.pathsep.join(filter(None, [str(trl_dir), os.environ.get("PYTHONPATH")]))
+    run_on_policy(
+        tmp_path / "run",
+        ["trainer.val_before_train=false", "trainer.test_freq=-1"],
+        env={"PYTHONPATH": python_path},
+    )
 
 
 def test_standalone_rollout_gets_exact_weights_through_the_gloo_engine(toy_world, tmp_path):

@@ -103,10 +103,47 @@ def apply_resource_fail_fast() -> None:
     apply_once("resource_fail_fast", apply)
 
 
+def apply_trl_without_value_head() -> None:
+    """Let verl build models beside a TRL that no longer has ``AutoModelForCausalLMWithValueHead``.
+
+    verl/models/transformers/monkey_patch.py:352 (``apply_monkey_patch``, run on every model an
+    FSDP engine builds) asks ``is_trl_available()`` and, when TRL is installed, imports that class
+    from ``trl.experimental.ppo`` or ``trl`` to replace its ``state_dict``. TRL 1.13 and later have
+    it in neither place, so every worker failed at start with an ImportError. Without the class
+    there is nothing to patch: we rebind that module's own ``is_trl_available`` (it is used nowhere
+    else in the module) to also require the class. Where the class imports, the answer is verl's;
+    verl/utils/model.py:654-664 (loading a value-head critic) keeps verl's ``is_trl_available`` and
+    still fails loudly on the missing class.
+    """
+
+    def apply() -> None:
+        import verl.models.transformers.monkey_patch as monkey_patch
+
+        trl_installed = monkey_patch.is_trl_available
+
+        @functools.cache
+        def is_trl_available() -> bool:
+            if not trl_installed():
+                return False
+            try:
+                from trl.experimental.ppo import AutoModelForCausalLMWithValueHead  # noqa: F401
+            except ImportError:
+                try:
+                    from trl import AutoModelForCausalLMWithValueHead  # noqa: F401
+                except ImportError:
+                    return False
+            return True
+
+        monkey_patch.is_trl_available = is_trl_available
+
+    apply_once("trl_without_value_head", apply)
+
+
 def register() -> None:
     """The patches every platform needs (the plugin calls this in every process)."""
     apply_resource_fail_fast()
     apply_packed_micro_batches()
+    apply_trl_without_value_head()
 
 
 def apply_cpu_patches() -> None:
