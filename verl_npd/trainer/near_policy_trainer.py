@@ -46,7 +46,7 @@ from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig
-from verl_npd.trainer.summary import RunSummary, write_text_atomically
+from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
 
 logger = logging.getLogger("verl_npd")
 
@@ -73,6 +73,9 @@ class NearPolicyTrainer(RayPPOTrainer):
             shuffle=self.config.data.get("shuffle", True),
         )
         self.output_dir = os.path.abspath(self.npd.output_dir)
+        # The latest figures for the console's progress bar (main_npd's LiveProgress reads them);
+        # empty until the workers are up and training begins.
+        self.progress: dict[str, Any] = {}
         self.rollout_manager: AsyncRolloutManager | None = None
         # verl's own switch for a rollout pool of its own (rollout.yaml: "Number of nodes for
         # standalone rollout server"), as in its separate_async trainer.
@@ -202,9 +205,11 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         self._sync_weights(self.global_steps)
 
+        self.progress = {"step": self.global_steps, "total": self.npd.total_steps, "validations": []}
         if self.config.trainer.get("val_before_train", True) and not self.stop_requested.is_set():
             val_metrics = self._validate_student()
             summary.record_validation(self.global_steps, val_metrics, initial=True)
+            self._show_validation(self.global_steps, val_metrics)
             tracker.log(data=val_metrics, step=self.global_steps)
 
         self.rollout_manager = self._build_rollout_manager()
@@ -238,12 +243,19 @@ class NearPolicyTrainer(RayPPOTrainer):
                     val_metrics = self._validate_student()
                     metrics.update(val_metrics)
                     summary.record_validation(step, val_metrics)
+                    self._show_validation(step, val_metrics)
                 save_freq = self.config.trainer.save_freq
                 if save_freq > 0 and (step % save_freq == 0 or step == total):
                     self._save_checkpoint()
                 summary.record_step(step, metrics)
                 tracker.log(data=metrics, step=step)
                 progress.update(1)
+                self.progress.update(
+                    step=step,
+                    staleness=metrics.get("npd/staleness_max"),
+                    kept=metrics.get("npd/kept_fraction", self.progress.get("kept")),
+                    tokens_per_s=metrics.get("perf/train_tokens_per_s"),
+                )
         except BaseException as failure:
             progress.close()
             self.rollout_manager.stop()
@@ -261,6 +273,11 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
         return result
+
+    def _show_validation(self, step: int, val_metrics: dict[str, float]) -> None:
+        accuracy = validation_accuracy(val_metrics)
+        self.progress["accuracy"] = accuracy
+        self.progress["validations"] = [*self.progress["validations"], (step, accuracy)]
 
     def request_stop(self) -> None:
         """Finish the step in progress (or abandon a wait for samples), checkpoint and return.

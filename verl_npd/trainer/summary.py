@@ -126,7 +126,7 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def format_summary(result: dict[str, Any], output_dir: str) -> str:
+def format_summary(result: dict[str, Any], output_dir: str, log_path: str | None = None) -> str:
     rows = [
         ("student accuracy before", _pct(result.get("student_accuracy_before"))),
         ("student accuracy after", _pct(result.get("student_accuracy_after"))),
@@ -142,7 +142,10 @@ def format_summary(result: dict[str, Any], output_dir: str) -> str:
     width = max(len(name) for name, _ in rows)
     lines = ["", "=" * (width + 14), "NPD run summary", "-" * (width + 14)]
     lines += [f"{name:<{width}}  {value:>10}" for name, value in rows]
-    lines += ["-" * (width + 14), f"written to {output_dir}/summary.json", ""]
+    lines += ["-" * (width + 14), f"written to {output_dir}/summary.json (metrics.jsonl, accuracy.png)"]
+    if log_path is not None:
+        lines.append(f"full log (Ray, verl, every metric) in {log_path}")
+    lines.append("")
     return "\n".join(lines)
 
 
