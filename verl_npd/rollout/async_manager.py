@@ -167,6 +167,9 @@ class AsyncRolloutManager:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        # Cleared by pause(): no new wave starts until resume().
+        self._running = threading.Event()
+        self._running.set()
         self.error: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -179,6 +182,7 @@ class AsyncRolloutManager:
         """Stop generating; in-flight prompts are abandoned (they are re-issued after a resume)."""
         self._stopping = True
         self.buffer.close()
+        self._running.set()  # a paused generator would wait in its thread forever
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
@@ -186,6 +190,20 @@ class AsyncRolloutManager:
                 pass
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+
+    def pause(self) -> None:
+        """Start no new wave and return once the waves in flight are done (or the manager has
+        ended). The trainer pauses generation while it validates, so that no sample is made on
+        the clock of the validation."""
+        self._running.clear()
+        while self._thread is not None and self._thread.is_alive():
+            with self._lock:
+                if not self._in_flight_positions:
+                    return
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        self._running.set()
 
     def _thread_main(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -224,6 +242,8 @@ class AsyncRolloutManager:
             except BaseException:
                 waves.release()
                 raise
+            # A pause that came while the buffer was granting holds the wave until resume().
+            await asyncio.to_thread(self._running.wait)
             with self._lock:
                 positions = self.stream.take(granted // self.samples_per_prompt)
                 self._in_flight_positions.update(positions)

@@ -240,10 +240,13 @@ class NearPolicyTrainer(RayPPOTrainer):
                 metrics.update(self.rollout_manager.drain_metrics())
                 test_freq = self.config.trainer.test_freq
                 if test_freq > 0 and (step % test_freq == 0 or step == total):
+                    # Generation pauses for it: validation measures the run and must not hide work.
+                    self.rollout_manager.pause()
                     validation_start = time.perf_counter()
                     val_metrics = self._validate_student()
-                    metrics.update(val_metrics)
                     metrics["timing/validation"] = time.perf_counter() - validation_start
+                    self.rollout_manager.resume()
+                    metrics.update(val_metrics)
                     summary.record_validation(step, val_metrics)
                     self._show_validation(step, val_metrics)
                 save_freq = self.config.trainer.save_freq
