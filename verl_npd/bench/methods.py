@@ -47,6 +47,8 @@ METHODS = (
     Method("sft", "SFT on teacher responses", "sft"),
     Method("npd_no_filter", "NPD, no Δ-IFD filter", "npd", ("npd.filter.enabled=false",)),
     Method("npd_sync1", "NPD, sync every step", "npd", ("npd.sync_interval=1",)),
+    # The staleness bound before generation ran across syncs: what the extra staleness costs.
+    Method("npd_staleness1", "NPD, max staleness 1", "npd", ("npd.buffer.max_staleness=1",)),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 # What the reference run compares (the goals: NPD against verl's sync OPD and SFT). The

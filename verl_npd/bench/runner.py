@@ -13,8 +13,15 @@ import time
 from tqdm.auto import tqdm
 
 from verl_npd.bench import readers, report
-from verl_npd.bench.methods import Command, Method, method_command, run_overrides, sft_command
+from verl_npd.bench.methods import (
+    Command,
+    Method,
+    method_command,
+    run_overrides,
+    sft_command,
+)
 from verl_npd.bench.settings import REPO_ROOT, Recipe, Scale
+from verl_npd.platform.cpu_threads import share_cores
 
 
 def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
@@ -65,6 +72,8 @@ class Benchmark:
         benchmark's time falls on every method alike."""
         os.makedirs(self.data_dir, exist_ok=True)
         if self.recipe.toy:
+            # Every method's processes inherit the same share of the cores (verl_npd/platform/cpu_threads.py).
+            share_cores(self._npd_config(self.scale.seed_values[0]))
             self._prepare_toy()
         methods = {m.name: {"label": m.label, "runs": []} for m in self.methods}
         for m in self.methods:
@@ -102,9 +111,8 @@ class Benchmark:
 
     def _npd_config(self, seed: int):
         """The NPD config with the benchmark's scale and seed: what SFT copies its settings from."""
-        from hydra import compose, initialize_config_dir
-
         import verl  # noqa: F401  (loads the verl-npd plugin: the ${npd_toy:...} resolvers)
+        from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=self.recipe.npd_config_dir, version_base=None):
             return compose(
