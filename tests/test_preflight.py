@@ -178,3 +178,28 @@ def test_sharded_model_with_a_missing_shard_is_named(tiny_model_dir):
     assert str(raised.value).endswith(
         f"model.safetensors.index.json lists {len(shards)} shards, 1 missing: {shards[1]}"
     )
+
+
+@pytest.mark.parametrize(
+    "rollout, accepted",
+    [
+        ({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs_mode": "processed_logprobs"}, True),
+        # Reshaped sampling: the sampler's processed log-probs are not the raw model's.
+        ({"temperature": 0.7, "top_p": 1.0, "top_k": -1, "logprobs_mode": "processed_logprobs"}, False),
+        ({"temperature": 1.0, "top_p": 0.9, "top_k": -1, "logprobs_mode": "processed_logprobs"}, False),
+        ({"temperature": 1.0, "top_p": 1.0, "top_k": 20, "logprobs_mode": "processed_logprobs"}, False),
+        # Raw log-probs describe the model whatever the sampling.
+        ({"temperature": 0.7, "top_p": 0.9, "top_k": 20, "logprobs_mode": "raw_logprobs"}, True),
+    ],
+)
+def test_the_students_ifd_terms_must_describe_one_distribution(rollout, accepted):
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.preflight import PreflightError, check_behaviour_log_probs
+
+    config = OmegaConf.create(rollout)
+    if accepted:
+        check_behaviour_log_probs(config)
+    else:
+        with pytest.raises(PreflightError, match="actor_rollout_ref.rollout.temperature=.*logprobs_mode=raw_logprobs"):
+            check_behaviour_log_probs(config)

@@ -46,7 +46,25 @@ def preflight(config: DictConfig) -> None:
         paths = check_data_files(field_name, config.data[field_name.split(".")[1]], prompt_key)
         check_prompt_lengths(field_name, paths, prompt_key, student_tokenizer, config.data)
     check_standalone_rollout(config.actor_rollout_ref.rollout)
+    check_behaviour_log_probs(config.actor_rollout_ref.rollout)
     check_resources(config)
+
+
+def check_behaviour_log_probs(rollout: DictConfig) -> None:
+    """The student's IFD divides the sampler's log-probs of its response (s_B(y|x)) by a prefill of
+    the raw model (s_B(y), always at temperature 1). Both describe the same distribution only when
+    the sampler reports raw log-probs or samples the raw distribution itself."""
+    if rollout.get("logprobs_mode", "processed_logprobs") == "raw_logprobs":
+        return
+    top_k = rollout.get("top_k", -1)
+    raw_sampling = rollout.temperature == 1.0 and rollout.get("top_p", 1.0) == 1.0 and top_k in (-1, 0, None)
+    if not raw_sampling:
+        raise PreflightError(
+            f"actor_rollout_ref.rollout.temperature={rollout.temperature} (top_p={rollout.get('top_p', 1.0)}, "
+            f"top_k={top_k}) with logprobs_mode={rollout.get('logprobs_mode')}: the sampler would report log-probs "
+            "of the reshaped distribution, which the Δ-IFD filter divides by a raw prefill; set "
+            "actor_rollout_ref.rollout.logprobs_mode=raw_logprobs or sample at temperature 1 without top-k/top-p"
+        )
 
 
 def check_standalone_rollout(rollout: DictConfig) -> None:
