@@ -8,6 +8,7 @@ at the end of a run (:func:`publish_student`).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,6 +26,10 @@ def ask_for_hf_weights(config) -> None:
         checkpoint.save_contents = [*contents, HF_MODEL_CONTENT]
 
 
+def has_hf_weights(hf_dir: str) -> bool:
+    return bool(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+
+
 def publish_student(hf_dir: str, output_dir: str) -> str:
     """Copy verl's ``huggingface/`` directory to ``<output_dir>/student`` (replacing an earlier
     one only once the new one is complete) and return its path.
@@ -34,9 +39,8 @@ def publish_student(hf_dir: str, output_dir: str) -> str:
     the weights do not have, and transformers 5 loads in the config's dtype by default: the loaded
     model would not be the trained one. The copy's config names the weights' own dtype.
     """
-    weights = os.path.join(hf_dir, "model.safetensors")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{hf_dir} holds no model.safetensors: the checkpoint was saved without hf_model")
+    if not has_hf_weights(hf_dir):
+        raise FileNotFoundError(f"{hf_dir} holds no .safetensors weights: the checkpoint was saved without hf_model")
     target = os.path.join(os.path.abspath(output_dir), STUDENT_DIR_NAME)
     staging = target + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -44,7 +48,11 @@ def publish_student(hf_dir: str, output_dir: str) -> str:
     config_path = os.path.join(staging, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config["dtype"] = _weights_dtype(weights)
+    dtype = _weights_dtype(sorted(glob.glob(os.path.join(staging, "*.safetensors"))))
+    # transformers 5 writes "dtype"; a config written by transformers 4 names it "torch_dtype".
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     if os.path.exists(target):
@@ -53,14 +61,18 @@ def publish_student(hf_dir: str, output_dir: str) -> str:
     return target
 
 
-def _weights_dtype(path: str) -> str:
-    """The floating-point dtype of the tensors in a safetensors file, as transformers names it."""
+def _weights_dtype(paths: list[str]) -> str:
+    """The floating-point dtype of the tensors in safetensors files (the shards of one model), as
+    transformers names it."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        dtypes = {str(f.get_slice(name).get_dtype()) for name in f.keys()}
+    dtypes = set()
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            dtypes |= {str(f.get_slice(name).get_dtype()) for name in f.keys()}
     names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
     floating = {names[d] for d in dtypes if d in names}
     if len(floating) != 1:
-        raise ValueError(f"{path}: expected one floating-point dtype among its tensors, found {sorted(dtypes)}")
+        where = os.path.dirname(paths[0])
+        raise ValueError(f"{where}: expected one floating-point dtype in its weights, found {sorted(dtypes)}")
     return floating.pop()
