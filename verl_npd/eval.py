@@ -29,7 +29,6 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 from verl_npd.score import (
-    EXIT_BAD_INPUT,
     InputError,
     check_columns,
     check_extension,
@@ -37,6 +36,7 @@ from verl_npd.score import (
     load_tokenizer,
     one_line,
     read_table,
+    run_command,
     to_messages,
     write_table,
 )
@@ -211,14 +211,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -464,15 +464,21 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_command(parse, run_parsed, argv: list[str] | None) -> int:
+    """A command's main: parse ``argv``, run, print the summary as JSON; bad input ends with one
+    line on stderr and exit code 2."""
+    args = parse(argv)
     try:
-        summary = run(args)
+        summary = run_parsed(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":
