@@ -79,8 +79,8 @@ def check_the_exported_student(out, summary, stdout, final_validation, toy_world
         if row["response"] == reference["output"]:
             same += 1
             assert row["score"] == reference["score"], (row, reference)  # the same scorer as verl's validation
-    # Greedy fp32 decoding depends on how requests are batched, at near-ties of the top two logits
-    # (the untrained student: 168/512 right by this command, 167/512 in an earlier run's validation).
+    # Greedy fp32 decoding may depend on how requests are batched, at near-ties of the top two
+    # logits; a reference run: all 512 answers identical, 70.7% both (and 32.8% both before training).
     assert same >= 0.99 * len(rows), same
     assert abs(accuracy - summary["student_accuracy_after"]) <= 0.01, (accuracy, summary["student_accuracy_after"])
 
