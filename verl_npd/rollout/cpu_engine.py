@@ -222,6 +222,19 @@ class _RunningBatch:
                 self.attention_mask = self.attention_mask[:, lead:]
 
 
+def eos_token_ids(tokenizer, generation_config) -> set[int]:
+    """The tokenizer's eos plus the generation config's, which is what vLLM stops on (either may be None)."""
+    eos: set[int] = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    generation_eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        eos.add(generation_eos)
+    elif generation_eos:
+        eos.update(int(token) for token in generation_eos)
+    return eos
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask logits outside each row's top-k, then outside its top-p nucleus, with ``-inf``.
 

@@ -191,7 +191,7 @@ class CPURolloutServer:
 
         from transformers import AutoModelForCausalLM
 
-        from verl_npd.rollout.cpu_engine import BatchedEngine
+        from verl_npd.rollout.cpu_engine import BatchedEngine, eos_token_ids
 
         torch.set_num_threads(self._num_threads)
         if self.config.full_determinism:
@@ -215,7 +215,7 @@ class CPURolloutServer:
 
         return BatchedEngine(
             model,
-            eos_token_ids=self._eos_token_ids(),
+            eos_token_ids=eos_token_ids(self.model_config.tokenizer, self.model_config.generation_config),
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             # vLLM's default when verl leaves it unset.
@@ -223,19 +223,6 @@ class CPURolloutServer:
             seed=self.replica_rank + self.config.seed,
             num_valid_tokens=len(self.model_config.tokenizer) if self.model_config.tokenizer is not None else None,
         )
-
-    def _eos_token_ids(self) -> set[int]:
-        """The tokenizer's eos plus the generation config's, which is what vLLM stops on."""
-        eos: set[int] = set()
-        tokenizer = self.model_config.tokenizer
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        generation_eos = getattr(self.model_config.generation_config, "eos_token_id", None)
-        if isinstance(generation_eos, int):
-            eos.add(generation_eos)
-        elif generation_eos:
-            eos.update(int(token) for token in generation_eos)
-        return eos
 
     def _on_engine_loop_exit(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl_npd.platform.cpu_threads import share_cores
 from verl_npd.trainer.console import LOG_NAME, LiveProgress, output_to_log
 from verl_npd.trainer.preflight import PreflightError, preflight
+from verl_npd.trainer.student_export import ask_for_hf_weights
 from verl_npd.trainer.summary import format_summary
 
 
@@ -152,6 +153,7 @@ def run_npd(config: DictConfig) -> dict:
 
     auto_set_device(config)
     preflight(config)
+    ask_for_hf_weights(config)
     if get_device_name() == "cpu":
         try:
             share_cores(config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Any
@@ -46,6 +47,7 @@ from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig
+from verl_npd.trainer.student_export import has_hf_weights, publish_student
 from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
 
 logger = logging.getLogger("verl_npd")
@@ -275,6 +277,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             buffer_counters=self.buffer.counters.as_dict(),
             interrupted=self.stop_requested.is_set() and self.global_steps < total,
             last_checkpoint_step=self._last_saved_step,
+            student_dir=self._export_student(),
         )
         tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
         return result
@@ -459,6 +462,20 @@ class NearPolicyTrainer(RayPPOTrainer):
             str(self.global_steps),
         )
         self._last_saved_step = self.global_steps
+
+    def _export_student(self) -> str:
+        """The student as it is now, as a Hugging Face model in ``<output_dir>/student``: from the
+        checkpoint of this step when there is one, else from a checkpoint written for the export
+        alone, outside ``default_local_dir`` (a checkpoint there would make the next run resume)."""
+        hf_dir = os.path.join(self._step_dir(self.global_steps), "actor", "huggingface")
+        if self._last_saved_step == self.global_steps and has_hf_weights(hf_dir):
+            return publish_student(hf_dir, self.output_dir)
+        scratch = os.path.join(self.output_dir, "student-checkpoint")
+        self.actor_rollout_wg.save_checkpoint(scratch, None, self.global_steps, max_ckpt_to_keep=None)
+        try:
+            return publish_student(os.path.join(scratch, "huggingface"), self.output_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _load_checkpoint(self):
         from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
