@@ -1,6 +1,7 @@
 """Tests of verl_npd.losses.packing: bin packing, packed micro-batches, and packed == padded through a
 real (tiny, random) transformers Qwen2."""
 
+import itertools
 import random
 
 import pytest
@@ -12,7 +13,9 @@ from verl_npd.losses.packing import (
     best_fit_decreasing,
     build_packed_micro_batch,
     packed_causal_lm_forward,
+    pack_for_ranks,
     packing_efficiency,
+    rank_major_order,
     response_loss_mask,
     unpack,
 )
@@ -90,6 +93,122 @@ def test_truncate_packs_an_over_long_sample_alone_and_counts_budget_tokens():
     assert [2] in bins
     assert sorted(i for bin_ in bins for i in bin_) == [0, 1, 2, 3]
     assert packing_efficiency([3, 4, 11, 2], bins, 10) == pytest.approx((3 + 4 + 10 + 2) / (10 * len(bins)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing per data-parallel rank
+# ----------------------------------------------------------------------------------------------
+def fewest_bins(sizes: list[int], budget: int) -> int:
+    """Reference: the optimal bin count, by exhaustive search (tiny inputs only)."""
+    best = len(sizes)
+
+    def place(i: int, loads: list[int]) -> None:
+        nonlocal best
+        if len(loads) >= best:
+            return
+        if i == len(sizes):
+            best = len(loads)
+            return
+        for b in range(len(loads)):
+            if loads[b] + sizes[i] <= budget:
+                loads[b] += sizes[i]
+                place(i + 1, loads)
+                loads[b] -= sizes[i]
+        place(i + 1, loads + [sizes[i]])
+
+    place(0, [])
+    return best
+
+
+def fewest_bins_per_rank(sizes: list[int], budget: int, num_ranks: int) -> int:
+    """Reference: the least bins per rank over every split into ranks of equal sample counts."""
+    per_rank = len(sizes) // num_ranks
+    best = len(sizes)
+
+    def split(remaining: list[int], worst: int) -> None:
+        nonlocal best
+        if worst >= best:
+            return
+        if not remaining:
+            best = worst
+            return
+        first, rest = remaining[0], remaining[1:]
+        for others in itertools.combinations(rest, per_rank - 1):
+            share = [first, *others]
+            bins = fewest_bins([sizes[i] for i in share], budget)
+            split([i for i in rest if i not in others], max(worst, bins))
+
+    split(list(range(len(sizes))), 0)
+    return best
+
+
+def check_rank_packing(lengths: list[int], budget: int, num_ranks: int, rank_bins) -> None:
+    """The guarantees of pack_for_ranks, checked from scratch."""
+    assert len(rank_bins) == num_ranks
+    flat = [i for bins in rank_bins for bin_ in bins for i in bin_]
+    assert sorted(flat) == list(range(len(lengths)))  # every sample exactly once
+    assert all(sum(len(bin_) for bin_ in bins) == len(lengths) // num_ranks for bins in rank_bins)
+    assert len({len(bins) for bins in rank_bins}) == 1  # the same number of micro-batches on every rank
+    for bins in rank_bins:
+        tokens = [sum(lengths[i] for i in bin_) for bin_ in bins]
+        assert all(bin_ for bin_ in bins) and max(tokens) <= budget
+        assert tokens == sorted(tokens, reverse=True)
+    rank_tokens = [sum(lengths[i] for bin_ in bins for i in bin_) for bins in rank_bins]
+    assert max(rank_tokens) - min(rank_tokens) <= max(lengths)
+
+
+def test_rank_packing_hand_worked_example():
+    # Dealt longest first to the lighter rank that still has room (4 samples each, ties to rank 0):
+    # 8 -> r0, 7 -> r1, 6 -> r1, 5 -> r0, 2 -> r0, 2 -> r1, 1 -> r0 (now full), 1 -> r1: 16/16 tokens.
+    # Best fit within r0 {8, 5, 2, 1}: [8, 2], [5, 1]; within r1 {7, 6, 2, 1}: [7, 2, 1], [6].
+    lengths = [8, 7, 6, 5, 2, 2, 1, 1]
+    rank_bins = pack_for_ranks(lengths, budget=10, num_ranks=2)
+    assert rank_bins == [[[0, 4], [3, 6]], [[1, 5, 7], [2]]]
+    assert rank_major_order(rank_bins) == ([0, 4, 3, 6, 1, 5, 7, 2], [0, 0, 1, 1, 0, 0, 0, 1])
+    assert packing_efficiency(lengths, [b for bins in rank_bins for b in bins], 10) == 32 / 40
+
+
+def test_a_rank_with_fewer_bins_gets_whole_samples_split_out_at_packing_time():
+    # 6 + 6 > 10 and 6 + 5 > 10: whichever rank holds the 5 needs two bins, so both run two; rank 1
+    # ({6, 1}, one bin by tokens) gets its two samples in separate bins.
+    rank_bins = pack_for_ranks([6, 6, 5, 1], budget=10, num_ranks=2)
+    assert rank_bins == [[[0], [2]], [[1], [3]]]
+    assert fewest_bins_per_rank([6, 6, 5, 1], 10, 2) == 2
+
+
+def test_one_rank_is_best_fit_decreasing():
+    rng = random.Random(3)
+    lengths = long_tailed_lengths(rng, 200, 1024)
+    (bins,) = pack_for_ranks(lengths, 1024, 1)
+    assert sorted(map(sorted, bins)) == sorted(map(sorted, best_fit_decreasing(lengths, 1024)))
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 6])
+def test_rank_packing_guarantees_on_long_tailed_batches(num_ranks):
+    for seed in range(30):
+        rng = random.Random(seed)
+        budget = rng.choice([256, 1024, 4096])
+        lengths = long_tailed_lengths(rng, num_ranks * rng.randint(1, 64), budget)
+        rank_bins = pack_for_ranks(lengths, budget, num_ranks)
+        check_rank_packing(lengths, budget, num_ranks, rank_bins)
+
+
+def test_rank_packing_is_within_one_bin_of_the_optimum():
+    for seed in range(300):
+        rng = random.Random(seed)
+        num_ranks, per_rank, budget = rng.choice([2, 3]), rng.randint(1, 3), rng.randint(8, 30)
+        lengths = [rng.randint(1, budget) for _ in range(num_ranks * per_rank)]
+        rank_bins = pack_for_ranks(lengths, budget, num_ranks)
+        check_rank_packing(lengths, budget, num_ranks, rank_bins)
+        optimum = fewest_bins_per_rank(lengths, budget, num_ranks)
+        assert optimum <= len(rank_bins[0]) <= optimum + 1, (lengths, budget, rank_bins)
+
+
+def test_rank_packing_needs_an_even_split():
+    with pytest.raises(ValueError, match="5 samples cannot be split evenly over 2 data-parallel ranks"):
+        pack_for_ranks([1, 2, 3, 4, 5], budget=10, num_ranks=2)
+    with pytest.raises(ValueError, match="sample 1 has 11 tokens"):
+        pack_for_ranks([1, 11], budget=10, num_ranks=2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
             "needs 3 logical GPUs (trainer 1 + teacher 1 + standalone rollout 1)",
         ),
         (["actor_rollout_ref.rollout.nnodes=1"], "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot"),
+        (
+            ["trainer.n_gpus_per_node=3", "ray_kwargs.ray_init.num_gpus=4"],
+            "64 samples per step cannot be split evenly over the trainer's 3 data-parallel ranks",
+        ),
         # The toy prompts are 15 or 17 tokens long.
         (
             ["data.max_prompt_length=16", "data.filter_overlong_prompts=false"],

@@ -67,6 +67,15 @@ def _check_lengths(
             )
 
 
+def _budgeted_sizes(lengths: Sequence[int], budget: int, truncate: bool) -> list[int]:
+    """The tokens each sample takes in a bin: its length, cut to the budget when truncating."""
+    _check_lengths(lengths, budget, truncate)
+    num_truncated = sum(length > budget for length in lengths)
+    if num_truncated:
+        logger.warning("packing: truncated %d sample(s) to the %d-token budget", num_truncated, budget)
+    return [min(length, budget) for length in lengths]
+
+
 def best_fit_decreasing(lengths: Sequence[int], budget: int, *, truncate: bool = False) -> list[list[int]]:
     """Pack samples into bins of at most ``budget`` tokens, best-fit decreasing.
 
@@ -84,12 +93,7 @@ def best_fit_decreasing(lengths: Sequence[int], budget: int, *, truncate: bool =
     Returns:
         Bins of sample indices, in the order they were opened; within a bin, longest first.
     """
-    _check_lengths(lengths, budget, truncate)
-    sizes = [min(length, budget) for length in lengths]
-    num_truncated = sum(length > budget for length in lengths)
-    if num_truncated:
-        logger.warning("best_fit_decreasing: truncated %d sample(s) to the %d-token budget", num_truncated, budget)
-
+    sizes = _budgeted_sizes(lengths, budget, truncate)
     bins: list[list[int]] = []
     # (room left, bin index), sorted: the best fit is the first entry with room >= size.
     open_bins: list[tuple[int, int]] = []
@@ -106,6 +110,98 @@ def best_fit_decreasing(lengths: Sequence[int], budget: int, *, truncate: bool =
         if room > 0:
             bisect.insort(open_bins, (room, bin_index))
     return bins
+
+
+def pack_for_ranks(
+    lengths: Sequence[int], budget: int, num_ranks: int, *, truncate: bool = False
+) -> list[list[list[int]]]:
+    """Split a global batch over ``num_ranks`` data-parallel ranks and pack each rank's share into bins.
+
+    Returns ``rank_bins[r][j]``: the sample indices of micro-batch ``j`` on rank ``r``. Guarantees:
+
+    - every sample is in exactly one bin, and no bin holds more than ``budget`` tokens;
+    - every rank holds ``len(lengths) / num_ranks`` samples: verl hands each rank an equal,
+      contiguous chunk of the batch (``chunk_tensordict`` asserts divisibility), so the batch laid
+      out by :func:`rank_major_order` gives every rank exactly its own bins;
+    - every rank has the same number of bins, none empty. Data-parallel ranks meet in FSDP's
+      collectives once per micro-batch, so they must run equally many; the count is fixed here,
+      where it shows in the packing efficiency, instead of by splitting bins at train time;
+    - the ranks' token counts differ by at most the longest sample (rank r's tokens bound its time).
+
+    How: samples are dealt out longest first, each to the rank with the fewest tokens among those
+    still short of their sample count (greedy balancing under equal cardinality; the spread stays
+    within one sample because a rank only falls behind by taking the longest remaining samples).
+    Each rank's share is then packed best-fit decreasing, and a rank with fewer bins than the
+    fullest rank splits its largest bins in two until the counts match. That is always possible:
+    every rank holds at least as many samples as the fullest rank has bins. Within a rank, bins are
+    ordered by tokens, most first, so that micro-batch j has similar work on every rank.
+
+    With one rank this is :func:`best_fit_decreasing` (bins reordered). The number of bins per rank
+    is at least ``ceil(tokens of the fullest rank / budget)``, so a batch of T tokens costs at
+    least ``num_ranks * ceil(T / (num_ranks * budget))`` micro-batches in all: more ranks, more
+    rounding.
+    """
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+    if len(lengths) % num_ranks:
+        raise ValueError(
+            f"{len(lengths)} samples cannot be split evenly over {num_ranks} data-parallel ranks; "
+            "make the samples per step (data.train_batch_size * rollout.n) a multiple of the rank count"
+        )
+    sizes = _budgeted_sizes(lengths, budget, truncate)
+    shares = _equal_count_token_balanced_shares(sizes, num_ranks)
+    rank_bins = [
+        [[share[i] for i in bin_] for bin_ in best_fit_decreasing([sizes[i] for i in share], budget)]
+        for share in shares
+    ]
+    bins_per_rank = max(len(bins) for bins in rank_bins)
+
+    def tokens(bin_: list[int]) -> int:
+        return sum(sizes[i] for i in bin_)
+
+    for bins in rank_bins:
+        while len(bins) < bins_per_rank:
+            largest = max((b for b in bins if len(b) > 1), key=tokens)
+            bins.remove(largest)
+            bins.extend(_split_in_two(largest, sizes))
+        bins.sort(key=lambda b: (-tokens(b), b))
+    return rank_bins
+
+
+def _equal_count_token_balanced_shares(sizes: Sequence[int], num_ranks: int) -> list[list[int]]:
+    per_rank = len(sizes) // num_ranks
+    shares: list[list[int]] = [[] for _ in range(num_ranks)]
+    loads = [0] * num_ranks
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min((r for r in range(num_ranks) if len(shares[r]) < per_rank), key=lambda r: (loads[r], r))
+        shares[rank].append(index)
+        loads[rank] += sizes[index]
+    return shares
+
+
+def _split_in_two(bin_: list[int], sizes: Sequence[int]) -> list[list[int]]:
+    """Two non-empty halves of a bin with balanced tokens (longest first into the lighter half)."""
+    halves: list[list[int]] = [[], []]
+    loads = [0, 0]
+    for index in sorted(bin_, key=lambda i: (-sizes[i], i)):
+        half = 0 if (loads[0], len(halves[0])) <= (loads[1], len(halves[1])) else 1
+        halves[half].append(index)
+        loads[half] += sizes[index]
+    return halves
+
+
+def rank_major_order(rank_bins: Sequence[Sequence[Sequence[int]]]) -> tuple[list[int], list[int]]:
+    """The batch order that puts rank r's samples in the r-th equal chunk, and each position's micro-batch.
+
+    Returns ``(order, micro_batch)``: the batch is reordered as ``samples[order]``; position p then
+    belongs to micro-batch ``micro_batch[p]`` of its rank (micro-batch j of every rank has index j).
+    """
+    order, micro_batch = [], []
+    for bins in rank_bins:
+        for j, bin_ in enumerate(bins):
+            order.extend(bin_)
+            micro_batch.extend([j] * len(bin_))
+    return order, micro_batch
 
 
 def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], budget: int) -> float:

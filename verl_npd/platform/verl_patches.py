@@ -316,9 +316,10 @@ def apply_packed_micro_batches() -> None:
 
     verl's engines split a mini-batch with ``prepare_micro_batches``
     (verl/workers/engine/utils.py:92), whose dynamic-batch path re-partitions the samples itself
-    (Karmarkar-Karp balancing, verl/utils/seqlen_balancing.py:348). NPD packs best-fit decreasing
-    into fixed token budgets and reports the resulting efficiency, so when a batch carries the
-    ``npd_micro_batch`` tensor we use that assignment instead; everything else (nested tensors,
+    (Karmarkar-Karp balancing, verl/utils/seqlen_balancing.py:348). NPD packs each data-parallel
+    rank's share best-fit decreasing into fixed token budgets and reports the resulting efficiency,
+    so when a batch carries the ``npd_micro_batch`` tensor (the micro-batch of each sample within
+    its rank's chunk) we use that assignment instead; everything else (nested tensors,
     remove-padding forward, loss normalisation) is verl's. Batches without it are untouched.
 
     verl/workers/engine/fsdp/transformer_impl.py:77 imports the function by name, so the patch must
@@ -354,18 +355,16 @@ def _micro_batches_from_assignment(data, dp_group):
     partitions = [groups[k] for k in sorted(groups)]
     if dp_group is not None and dist.is_initialized():
         # Every data-parallel rank must run the same number of micro-batches (FSDP's collectives
-        # pair up per micro-batch). A rank with fewer splits its largest micro-batches in two.
-        count = torch.tensor([len(partitions)], device=get_device_name())
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
-        while len(partitions) < int(count.item()):
-            largest = max(range(len(partitions)), key=lambda i: len(partitions[i]))
-            if len(partitions[largest]) < 2:
-                raise RuntimeError(
-                    f"verl-npd: cannot match {int(count.item())} micro-batches on every data-parallel rank: "
-                    f"this rank holds only {len(assignment)} samples"
-                )
-            members = partitions.pop(largest)
-            partitions += [members[: len(members) // 2], members[len(members) // 2 :]]
+        # pair up per micro-batch); the trainer packs them so (losses/packing.py pack_for_ranks).
+        # A mismatch would hang in the first unpaired collective, so fail here instead.
+        counts = torch.tensor([len(partitions), -len(partitions)], device=get_device_name())
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=dp_group)
+        most, fewest = int(counts[0]), -int(counts[1])
+        if most != fewest:
+            raise RuntimeError(
+                f"verl-npd: the data-parallel ranks were given between {fewest} and {most} micro-batches "
+                f"(this rank {len(partitions)}); each rank's '{MICRO_BATCH_KEY}' assignment must have the same count"
+            )
     return [tu.index_select_tensor_dict(data, p) for p in partitions], partitions
 
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,13 +41,13 @@ from verl.workers.utils.padding import left_right_2_no_padding
 from verl_npd.filters import get_sample_filter
 from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
 from verl_npd.platform.verl_patches import MICRO_BATCH_KEY
-from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
+from verl_npd.losses.packing import pack_for_ranks, packing_efficiency, rank_major_order
 from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
 from verl_npd.rollout.cpu_server import ROLLOUT_NAME as CPU_ROLLOUT_NAME
 from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
-from verl_npd.trainer.config import NPDConfig
+from verl_npd.trainer.config import NPDConfig, PackingConfig
 from verl_npd.trainer.student_export import has_hf_weights, publish_student
 from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
 
@@ -333,100 +334,40 @@ class NearPolicyTrainer(RayPPOTrainer):
     def _train_step(self) -> dict[str, float]:
         step_start = time.perf_counter()
         taken = self.buffer.take(self.samples_per_step, trainer_version=self.global_steps)
-        samples: list[GeneratedSample] = [s.payload for s in taken.samples]
-        batch, lengths = self._collate(samples)
-        bins = best_fit_decreasing(lengths, self.npd.packing.token_budget, truncate=self.npd.packing.truncate)
         train_start = time.perf_counter()
-        actor_metrics = self._update_student(batch, bins)
+        packed = train_packed(
+            self.actor_rollout_wg,
+            [s.payload for s in taken.samples],
+            data_parallel_size=self._get_dp_size(self.actor_rollout_wg, "actor"),
+            pad_id=self.tokenizer.pad_token_id,
+            packing=self.npd.packing,
+            temperature=self.config.actor_rollout_ref.rollout.temperature,
+            seed=self.global_steps,
+        )
         train_s = time.perf_counter() - train_start
         self.global_steps += 1
+        tokens = sum(packed.lengths)
+        all_bins = [bin_ for bins in packed.rank_bins for bin_ in bins]
         metrics = {
             "timing/wait_gen": taken.wait_s,
             "timing/train": train_s,
             "timing/step": time.perf_counter() - step_start,
-            "perf/train_tokens_per_s": sum(lengths) / train_s,
-            "perf/train_tokens": float(sum(lengths)),
+            "perf/train_tokens_per_s": tokens / train_s,
+            "perf/train_tokens": float(tokens),
             "npd/behaviour_version_min": float(min(s.version for s in taken.samples)),
             "npd/behaviour_version_max": float(max(s.version for s in taken.samples)),
             "npd/staleness_mean": float(np.mean(taken.staleness)),
             "npd/staleness_max": float(np.max(taken.staleness)),
             "npd/dropped_stale": float(taken.dropped_stale),
-            "npd/packing_efficiency": packing_efficiency(lengths, bins, self.npd.packing.token_budget),
-            "npd/micro_batches": float(len(bins)),
+            # The real fill: the micro-batches of every rank count.
+            "npd/packing_efficiency": packing_efficiency(packed.lengths, all_bins, self.npd.packing.token_budget),
+            "npd/micro_batches": float(len(all_bins)),
+            "npd/micro_batches_per_rank": float(len(packed.rank_bins[0])),
             "npd/buffer_queued": float(self.buffer.queued),
             "npd/rollout_version": float(self.buffer.rollout_version),
         }
-        metrics.update(actor_metrics)
+        metrics.update(packed.metrics)
         return metrics
-
-    def _collate(self, samples: list[GeneratedSample]) -> tuple[DataProto, list[int]]:
-        """The samples in the layout verl's agent loop produces: left-padded prompts, right-padded
-        responses, and the teacher's top-k over prompt+response padded the same way."""
-        pad_id = self.tokenizer.pad_token_id
-        prompt_width = max(len(s.prompt.prompt_ids) for s in samples)
-        response_width = max(len(s.response_ids) for s in samples)
-        topk = samples[0].teacher_topk_ids.shape[-1]
-        n, width = len(samples), prompt_width + response_width
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        response_mask = torch.zeros((n, response_width), dtype=torch.long)
-        rollout_log_probs = torch.zeros((n, response_width), dtype=torch.float32)
-        teacher_ids = torch.zeros((n, width, topk), dtype=torch.int32)
-        teacher_log_probs = torch.zeros((n, width, topk), dtype=torch.float32)
-        lengths = []
-        for i, s in enumerate(samples):
-            p, r = len(s.prompt.prompt_ids), len(s.response_ids)
-            start, end = prompt_width - p, prompt_width + r
-            input_ids[i, start:prompt_width] = torch.tensor(s.prompt.prompt_ids)
-            input_ids[i, prompt_width:end] = torch.tensor(s.response_ids)
-            attention_mask[i, start:end] = 1
-            response_mask[i, :r] = 1
-            rollout_log_probs[i, :r] = torch.tensor(s.rollout_log_probs[:r])
-            teacher_ids[i, start:end] = s.teacher_topk_ids
-            teacher_log_probs[i, start:end] = s.teacher_topk_log_probs
-            lengths.append(p + r)
-        position_ids = torch.clamp(attention_mask.cumsum(dim=-1) - 1, min=0)
-        batch = DataProto.from_single_dict(
-            {
-                "prompts": input_ids[:, :prompt_width],
-                "responses": input_ids[:, prompt_width:],
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "position_ids": position_ids,
-                "response_mask": response_mask,
-                "rollout_log_probs": rollout_log_probs,
-                "teacher_ids": teacher_ids,
-                "teacher_logprobs": teacher_log_probs,
-            }
-        )
-        return batch, lengths
-
-    def _update_student(self, batch: DataProto, bins: list[list[int]]) -> dict[str, float]:
-        """One supervised distillation step on verl's actor: no old-log-prob, ref or advantage pass."""
-        micro_batch_of = torch.empty(len(batch), dtype=torch.long)
-        for index, members in enumerate(bins):
-            micro_batch_of[members] = index
-        batch.batch[MICRO_BATCH_KEY] = micro_batch_of
-        batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
-        batch_td = left_right_2_no_padding(batch.to_tensordict())
-        tu.assign_non_tensor(
-            batch_td,
-            calculate_entropy=False,
-            distillation_use_topk=True,
-            # False keeps the student's sampled-token log-probs in the training forward: the loss
-            # reports npd/drift_kl from them at no extra cost.
-            distillation_only=False,
-            global_batch_size=len(batch),
-            mini_batch_size=len(batch),
-            epochs=1,
-            seed=self.global_steps,
-            dataloader_kwargs={"shuffle": False},
-            compute_loss=True,
-            use_dynamic_bsz=True,
-            max_token_len_per_gpu=self.npd.packing.token_budget,
-        )
-        output = self.actor_rollout_wg.update_actor(batch_td)
-        return {f"actor/{k}": _mean(v) for k, v in tu.get(output, "metrics").items()} | _npd_metrics(output)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -502,6 +443,104 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.stream.load_state_dict(state["stream"])
         self._last_saved_step = self.global_steps
         logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
+
+
+@dataclass
+class PackedUpdate:
+    lengths: list[int]
+    """Tokens (prompt + response) of each sample, in the order the samples were given."""
+    rank_bins: list[list[list[int]]]
+    """Per data-parallel rank, its micro-batches as indices into the given samples."""
+    metrics: dict[str, float]
+    """The actor's metrics (``actor/*``) and the loss's ``npd/*`` metrics."""
+
+
+def train_packed(
+    actor_wg,
+    samples: list[GeneratedSample],
+    *,
+    data_parallel_size: int,
+    pad_id: int,
+    packing: PackingConfig,
+    temperature: float,
+    seed: int,
+) -> PackedUpdate:
+    """One supervised distillation step of verl's actor on ``samples``: no old-log-prob, ref or
+    advantage pass.
+
+    The samples are packed per data-parallel rank (:func:`pack_for_ranks`) and sent in
+    :func:`rank_major_order`: verl's dispatch gives rank r the r-th equal chunk of the batch
+    (``make_nd_compute_dataproto_dispatch_fn`` -> ``chunk_tensordict``), and the patched
+    ``prepare_micro_batches`` trains each of that rank's bins as one micro-batch. The loss is
+    normalised by the response tokens of the whole global batch (verl's ``batch_num_tokens``,
+    all-reduced over the ranks, times ``dp_size`` against FSDP's gradient mean), so the update does
+    not depend on the number of ranks.
+    """
+    lengths = [len(s.prompt.prompt_ids) + len(s.response_ids) for s in samples]
+    rank_bins = pack_for_ranks(lengths, packing.token_budget, data_parallel_size, truncate=packing.truncate)
+    order, micro_batch = rank_major_order(rank_bins)
+    batch = collate_samples([samples[i] for i in order], pad_id)
+    batch.batch[MICRO_BATCH_KEY] = torch.tensor(micro_batch, dtype=torch.long)
+    batch.meta_info["temperature"] = temperature
+    batch_td = left_right_2_no_padding(batch.to_tensordict())
+    tu.assign_non_tensor(
+        batch_td,
+        calculate_entropy=False,
+        distillation_use_topk=True,
+        # False keeps the student's sampled-token log-probs in the training forward: the loss
+        # reports npd/drift_kl from them at no extra cost.
+        distillation_only=False,
+        global_batch_size=len(batch),
+        mini_batch_size=len(batch),
+        epochs=1,
+        seed=seed,
+        dataloader_kwargs={"shuffle": False},
+        compute_loss=True,
+        use_dynamic_bsz=True,
+        max_token_len_per_gpu=packing.token_budget,
+    )
+    output = actor_wg.update_actor(batch_td)
+    metrics = {f"actor/{k}": _mean(v) for k, v in tu.get(output, "metrics").items()} | _npd_metrics(output)
+    return PackedUpdate(lengths=lengths, rank_bins=rank_bins, metrics=metrics)
+
+
+def collate_samples(samples: list[GeneratedSample], pad_id: int) -> DataProto:
+    """The samples in the layout verl's agent loop produces: left-padded prompts, right-padded
+    responses, and the teacher's top-k over prompt+response padded the same way."""
+    prompt_width = max(len(s.prompt.prompt_ids) for s in samples)
+    response_width = max(len(s.response_ids) for s in samples)
+    topk = samples[0].teacher_topk_ids.shape[-1]
+    n, width = len(samples), prompt_width + response_width
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, response_width), dtype=torch.long)
+    rollout_log_probs = torch.zeros((n, response_width), dtype=torch.float32)
+    teacher_ids = torch.zeros((n, width, topk), dtype=torch.int32)
+    teacher_log_probs = torch.zeros((n, width, topk), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt.prompt_ids), len(s.response_ids)
+        start, end = prompt_width - p, prompt_width + r
+        input_ids[i, start:prompt_width] = torch.tensor(s.prompt.prompt_ids)
+        input_ids[i, prompt_width:end] = torch.tensor(s.response_ids)
+        attention_mask[i, start:end] = 1
+        response_mask[i, :r] = 1
+        rollout_log_probs[i, :r] = torch.tensor(s.rollout_log_probs[:r])
+        teacher_ids[i, start:end] = s.teacher_topk_ids
+        teacher_log_probs[i, start:end] = s.teacher_topk_log_probs
+    position_ids = torch.clamp(attention_mask.cumsum(dim=-1) - 1, min=0)
+    return DataProto.from_single_dict(
+        {
+            "prompts": input_ids[:, :prompt_width],
+            "responses": input_ids[:, prompt_width:],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "response_mask": response_mask,
+            "rollout_log_probs": rollout_log_probs,
+            "teacher_ids": teacher_ids,
+            "teacher_logprobs": teacher_log_probs,
+        }
+    )
 
 
 def _mean(value) -> float:

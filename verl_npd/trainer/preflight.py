@@ -315,20 +315,88 @@ def check_prompt_lengths(field_name: str, paths: list[str], prompt_key: str, tok
             print(f"verl-npd: {what}; they are truncated (data.truncation={data.truncation})", file=sys.stderr)
 
 
+def plan_resources(config: DictConfig) -> dict[str, int]:
+    """The GPUs (logical ones on CPU) of each pool verl will ask Ray for, after checking that verl
+    can split every pool and batch the way it will try to. Pure arithmetic on the config: it
+    starts nothing and works for verl's own ``main_ppo`` configs too.
+
+    - trainer: ``trainer.n_gpus_per_node * trainer.nnodes`` FSDP ranks, in data-parallel groups
+      of ``ulysses_sequence_parallel_size``; verl hands each data-parallel rank an equal chunk of
+      every batch, so the samples per step must divide evenly;
+    - teacher: ``distillation.n_gpus_per_node * distillation.nnodes``, split into replicas by
+      verl's own ``DistillationConfig`` (its checks run here);
+    - standalone rollout (``rollout.nnodes > 0``): ``rollout.n_gpus_per_node * rollout.nnodes``,
+      one replica per ``tensor_model_parallel_size`` GPUs; a colocated rollout splits the trainer
+      pool the same way.
+    """
+    from verl.utils.config import omega_conf_to_dataclass
+
+    rollout = config.actor_rollout_ref.rollout
+    trainer_gpus = config.trainer.n_gpus_per_node * config.trainer.nnodes
+    pools = {
+        "trainer": trainer_gpus,
+        "teacher": config.distillation.n_gpus_per_node * config.distillation.nnodes
+        if config.distillation.enabled
+        else 0,
+        "standalone rollout": rollout.n_gpus_per_node * max(rollout.nnodes, 0),
+    }
+    if trainer_gpus < 1:
+        raise PreflightError(
+            f"the trainer pool is empty: trainer.n_gpus_per_node={config.trainer.n_gpus_per_node}, "
+            f"trainer.nnodes={config.trainer.nnodes}"
+        )
+    sequence_parallel = config.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1)
+    if trainer_gpus % sequence_parallel:
+        raise PreflightError(
+            f"the trainer's {trainer_gpus} GPUs cannot form groups of "
+            f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sequence_parallel}"
+        )
+    data_parallel = trainer_gpus // sequence_parallel
+    samples_per_step = config.data.train_batch_size * rollout.n
+    if samples_per_step % data_parallel:
+        raise PreflightError(
+            f"data.train_batch_size * actor_rollout_ref.rollout.n = {samples_per_step} samples per step cannot be "
+            f"split evenly over the trainer's {data_parallel} data-parallel ranks (trainer.n_gpus_per_node * "
+            f"trainer.nnodes / ulysses_sequence_parallel_size); make it a multiple of {data_parallel}"
+        )
+    replica_gpus = rollout.tensor_model_parallel_size
+    rollout_pool, rollout_fields = (
+        (pools["standalone rollout"], "actor_rollout_ref.rollout.n_gpus_per_node * actor_rollout_ref.rollout.nnodes")
+        if rollout.nnodes > 0
+        else (trainer_gpus, "trainer.n_gpus_per_node * trainer.nnodes (the rollout is colocated)")
+    )
+    if rollout_pool % replica_gpus:
+        raise PreflightError(
+            f"the rollout's {rollout_pool} GPUs ({rollout_fields}) are not a multiple of "
+            f"actor_rollout_ref.rollout.tensor_model_parallel_size={replica_gpus}"
+        )
+    if config.distillation.enabled:
+        from hydra.errors import InstantiationException
+
+        try:
+            omega_conf_to_dataclass(config.distillation)
+        except (InstantiationException, ValueError) as e:
+            raise PreflightError(f"distillation: {e.__cause__ or e}") from None
+    return pools
+
+
 def check_resources(config: DictConfig) -> None:
-    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker."""
+    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker.
+
+    Joining a running cluster (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``), the cluster's
+    own resources count; they are checked when verl places its pools (``apply_resource_fail_fast``).
+    """
     from verl.utils.device import get_device_name
 
     rollout = config.actor_rollout_ref.rollout
-    pools = {
-        "trainer": config.trainer.n_gpus_per_node * config.trainer.nnodes,
-        "teacher": config.distillation.n_gpus_per_node * config.distillation.nnodes,
-        "standalone rollout": rollout.n_gpus_per_node * max(rollout.nnodes, 0),
-    }
+    pools = plan_resources(config)
     needed = sum(pools.values())
     breakdown = " + ".join(f"{name} {count}" for name, count in pools.items() if count)
+    ray_init = config.get("ray_kwargs", {}).get("ray_init", {})
+    if ray_init.get("address") or os.environ.get("RAY_ADDRESS"):
+        return
     if get_device_name() == "cpu":
-        declared = config.get("ray_kwargs", {}).get("ray_init", {}).get("num_gpus")
+        declared = ray_init.get("num_gpus")
         if declared is None or declared < needed:
             raise PreflightError(
                 f"this CPU run needs {needed} logical GPUs ({breakdown}) but ray_kwargs.ray_init.num_gpus is "
