@@ -246,26 +246,15 @@ class CPURolloutServer:
         ``priority`` is accepted and ignored: requests are served first come, first served.
         """
         self._calls["generate"] += 1
-        return await self._generate(
-            prompt_ids, sampling_params, request_id, image_data, video_data, audio_data, mm_processor_kwargs
-        )
+        if image_data or video_data or audio_data or mm_processor_kwargs:
+            raise NotImplementedError("npd_cpu rollout serves text-only models")
+        return await self._generate(prompt_ids, sampling_params, request_id)
 
-    async def _generate(
-        self,
-        prompt_ids: list[int],
-        sampling_params: dict[str, Any],
-        request_id: str,
-        image_data: Optional[list[Any]] = None,
-        video_data: Optional[list[Any]] = None,
-        audio_data: Optional[list[Any]] = None,
-        mm_processor_kwargs: Optional[dict[str, Any]] = None,
-    ) -> TokenOutput:
+    async def _generate(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str) -> TokenOutput:
         from verl.utils import normalize_token_ids
 
         from verl_npd.rollout.cpu_engine import Sequence
 
-        if image_data or video_data or audio_data or mm_processor_kwargs:
-            raise NotImplementedError("npd_cpu rollout serves text-only models")
         if self._engine is None:
             raise RuntimeError("npd_cpu server: launch_server() was not called")
         if request_id in self._requests:
