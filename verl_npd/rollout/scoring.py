@@ -32,6 +32,9 @@ logger = logging.getLogger("verl_npd")
 # The key under which servers return log p(actual token) next to the top-k in ``extra_fields``
 # (``npd_cpu`` always; verl's vLLM server once ``verl_npd.rollout.vllm_prompt_logprobs`` adds it).
 PROMPT_TOKEN_LOGPROBS = "prompt_token_logprobs"
+# ... and the rank of each actual token among all tokens (``npd_cpu``; what ``verl_npd.serve`` reports
+# as vLLM's ``rank``).
+PROMPT_TOKEN_RANKS = "prompt_token_ranks"
 
 _ABORTED = ("aborted", "abort")
 

@@ -28,6 +28,11 @@ def preflight(config: DictConfig) -> None:
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
 
+    if served_teacher_url(config) and len(config.distillation.teacher_models) != 1:
+        raise PreflightError(
+            f"npd.teacher.url serves one teacher, but distillation.teacher_models has "
+            f"{len(config.distillation.teacher_models)} ({sorted(config.distillation.teacher_models)})"
+        )
     student_path = check_model_path("actor_rollout_ref.model.path", config.actor_rollout_ref.model.path)
     teacher_paths = {
         f"distillation.teacher_models.{key}.model_path": check_model_path(
@@ -297,14 +302,20 @@ def check_prompt_lengths(field_name: str, paths: list[str], prompt_key: str, tok
             print(f"verl-npd: {what}; they are truncated (data.truncation={data.truncation})", file=sys.stderr)
 
 
+def served_teacher_url(config: DictConfig) -> str | None:
+    """``npd.teacher.url``: the teacher is served outside the job and takes none of its resources."""
+    return config.get("npd", {}).get("teacher", {}).get("url")
+
+
 def check_resources(config: DictConfig) -> None:
-    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker."""
+    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker
+    (none for a teacher served at ``npd.teacher.url``)."""
     from verl.utils.device import get_device_name
 
     rollout = config.actor_rollout_ref.rollout
     pools = {
         "trainer": config.trainer.n_gpus_per_node * config.trainer.nnodes,
-        "teacher": config.distillation.n_gpus_per_node * config.distillation.nnodes,
+        "teacher": 0 if served_teacher_url(config) else config.distillation.n_gpus_per_node * config.distillation.nnodes,
         "standalone rollout": rollout.n_gpus_per_node * max(rollout.nnodes, 0),
     }
     needed = sum(pools.values())
