@@ -24,26 +24,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model_dir, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def start_listening(argv: list[str], port: int, env: dict | None = None, timeout_s: float = 120) -> subprocess.Popen:
+    """Start a server process; return once it accepts connections on ``port``."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "verl_npd.serve", str(model_dir), "--port", str(port), "--served-model-name", "toy", *extra],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
+        argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"verl_npd.serve exited: {process.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{argv[:3]} exited: {process.stderr.read()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return process
         except OSError:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError("verl_npd.serve did not start listening within 120 s")
+    raise RuntimeError(f"{argv[:3]} did not start listening within {timeout_s:.0f} s")
+
+
+def _start_server(model_dir, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "verl_npd.serve", str(model_dir), "--port", str(port), "--served-model-name", "toy"]
+    return start_listening([*argv, *extra], port, env)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -102,10 +103,7 @@ def test_served_scores_equal_the_teacher_replicas_and_a_forward_pass(toy_world, 
 
     async def score():
         teacher = _teacher(served)
-        try:
-            return await teacher.score(sequences, TOPK), await teacher.score(sequences, 0)
-        finally:
-            await teacher.close()
+        return await teacher.score(sequences, TOPK), await teacher.score(sequences, 0)
 
     with_topk, actual_only = asyncio.run(score())
 
@@ -155,11 +153,9 @@ def test_a_restarted_server_is_waited_for(toy_world, sequences):
         await asyncio.sleep(1.0)  # the first attempts find no server
         restarted = await asyncio.to_thread(_start_server, toy_world.teacher_dir, port)
         try:
-            after = await scoring
+            return before, await scoring
         finally:
             _stop(restarted)
-            await teacher.close()
-        return before, after
 
     before, after = asyncio.run(run())
     assert teacher.retries >= 1

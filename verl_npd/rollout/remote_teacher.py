@@ -148,38 +148,29 @@ class HTTPTeacher:
         self.name = f"teacher at {self.url}"
         self.calls = 0
         self.retries = 0
-        # aiohttp sessions and semaphores belong to one event loop; the rollout manager runs its
-        # own, and each test its own.
+        # The limit on requests in flight, shared by concurrent ``score`` calls; an asyncio
+        # semaphore belongs to one event loop (the rollout manager runs its own, each test its own).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._session = None
         self._slots: asyncio.Semaphore | None = None
 
     async def score(self, sequences: Sequence[Sequence[int]], num_logprobs: int) -> list[PromptScores]:
         """Prefill every sequence on the served teacher; its scores, in order. Raises
         :class:`TeacherRequestError` if any sequence cannot be scored."""
-        await self._bind_to_running_loop()
-        return list(await asyncio.gather(*[self._score_one(s, num_logprobs) for s in sequences]))
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _bind_to_running_loop(self) -> None:
         import aiohttp
 
         loop = asyncio.get_running_loop()
-        if self._loop is loop and self._session is not None:
-            return
-        self._loop = loop
-        self._slots = asyncio.Semaphore(self.max_concurrency)
-        self._session = aiohttp.ClientSession(
+        if self._loop is not loop:
+            self._loop, self._slots = loop, asyncio.Semaphore(self.max_concurrency)
+        # A session per call (a wave's worth of requests on kept-alive connections): it never
+        # outlives the event loop it was made in.
+        async with aiohttp.ClientSession(
             headers=self.headers,
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             connector=aiohttp.TCPConnector(limit=self.max_concurrency),
-        )
+        ) as session:
+            return list(await asyncio.gather(*[self._score_one(session, s, num_logprobs) for s in sequences]))
 
-    async def _score_one(self, sequence: Sequence[int], num_logprobs: int) -> PromptScores:
+    async def _score_one(self, session, sequence: Sequence[int], num_logprobs: int) -> PromptScores:
         body = completion_request(self.model, sequence, num_logprobs)
         deadline = time.monotonic() + self.max_wait_s
         backoff = _FIRST_BACKOFF_S
@@ -189,7 +180,7 @@ class HTTPTeacher:
             try:
                 async with self._slots:
                     self.calls += 1
-                    answer = await self._post(body)
+                    answer = await self._post(session, body)
                 return parse_prompt_logprobs(answer, sequence, num_logprobs, self.endpoint)
             except _Retryable as e:
                 left = deadline - time.monotonic()
@@ -206,11 +197,11 @@ class HTTPTeacher:
                 await asyncio.sleep(min(backoff, left))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
-    async def _post(self, body: dict[str, Any]) -> Any:
+    async def _post(self, session, body: dict[str, Any]) -> Any:
         import aiohttp
 
         try:
-            async with self._session.post(self.endpoint, data=json.dumps(body)) as response:
+            async with session.post(self.endpoint, data=json.dumps(body)) as response:
                 text = await response.text()
                 status = response.status
         except (asyncio.TimeoutError, TimeoutError):
