@@ -240,3 +240,15 @@ def test_vllm_layout_is_shifted_into_verls():
     assert scores.topk_ids.tolist() == [[5, 6], [1, 2], [0, 0]]
     assert scores.topk_log_probs.tolist() == [[-0.5, -1.5], [-0.25, -1.0], [0.0, 0.0]]
     assert scores.token_log_probs == [-0.5, -4.0]
+
+
+def test_verls_agent_loop_starts_without_teacher_replicas():
+    """With a served teacher verl's agent loop gets no teacher client (validation never asks the
+    teacher); one that did ask would fail naming npd.teacher.url."""
+    from test_platform import _compose
+    from verl.experimental.teacher_loop.teacher_manager import AsyncTeacherLLMServerManager
+
+    manager = AsyncTeacherLLMServerManager(config=_compose([]), teacher_client=None)
+    (client,) = manager.teacher_client.values()
+    with pytest.raises(RuntimeError, match="teacher 'default' is served outside this job \\(npd.teacher.url\\)"):
+        client.generate

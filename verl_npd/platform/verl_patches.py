@@ -165,13 +165,16 @@ def apply_agent_loop_without_teacher_replicas() -> None:
 
     def apply() -> None:
         from verl.experimental.teacher_loop import teacher_manager
+        from verl.utils.config import omega_conf_to_dataclass
 
         original = teacher_manager.AsyncTeacherLLMServerManager.__init__
 
         @functools.wraps(original)
         def __init__(self, config, teacher_client):
             if teacher_client is None:
-                teacher_client = {key: ServedTeacherClient(key) for key in config.distillation.teacher_models}
+                # Keyed as the manager checks (teacher_manager.py:91-97): by each teacher's routing key.
+                teachers = omega_conf_to_dataclass(config.distillation).teacher_models
+                teacher_client = {key: ServedTeacherClient(key) for key in teachers}
             original(self, config=config, teacher_client=teacher_client)
 
         teacher_manager.AsyncTeacherLLMServerManager.__init__ = __init__

@@ -145,9 +145,7 @@ class HTTPTeacher:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.max_wait_s = max_wait_s
-        self.name = f"teacher at {self.url}"
-        self.calls = 0
-        self.retries = 0
+        self.retries = 0  # attempts that failed and were made again
         # The limit on requests in flight, shared by concurrent ``score`` calls; an asyncio
         # semaphore belongs to one event loop (the rollout manager runs its own, each test its own).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,7 +177,6 @@ class HTTPTeacher:
             attempt += 1
             try:
                 async with self._slots:
-                    self.calls += 1
                     answer = await self._post(session, body)
                 return parse_prompt_logprobs(answer, sequence, num_logprobs, self.endpoint)
             except _Retryable as e:

@@ -188,9 +188,12 @@ class NearPolicyTrainer(RayPPOTrainer):
         """Each teacher's scorer: its verl replicas, or the teacher served at ``npd.teacher.url``."""
         served = self.npd.teacher
         if served.url is not None:
+            from verl.utils.config import omega_conf_to_dataclass
+
             from verl_npd.rollout.remote_teacher import HTTPTeacher, teacher_api_key
 
-            (key,) = self.config.distillation.teacher_models.keys()
+            # The routing key, as verl's teacher manager keys its replicas.
+            (key,) = omega_conf_to_dataclass(self.config.distillation).teacher_models
             return {
                 key: HTTPTeacher(
                     served.url,
