@@ -14,6 +14,9 @@ itself and calls them directly. Generation is one ``generate`` call per sample. 
 
 Both return the same numbers (tested). One prefill gives the top-k and the actual tokens'
 log-probs, as vLLM's ``prompt_logprobs`` does: a teacher scores each sample once.
+
+A teacher served outside the job (``npd.teacher.url``) scores through
+:class:`verl_npd.rollout.remote_teacher.HTTPTeacher`, which has the same ``score``.
 """
 
 from __future__ import annotations
