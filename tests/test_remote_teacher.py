@@ -252,3 +252,29 @@ def test_verls_agent_loop_starts_without_teacher_replicas():
     (client,) = manager.teacher_client.values()
     with pytest.raises(RuntimeError, match="teacher 'default' is served outside this job \\(npd.teacher.url\\)"):
         client.generate
+
+
+def test_served_answer_is_vllms_layout_with_true_ranks(toy_world, served, sequences):
+    """The raw answer: entry 0 null, entry i holds the top k with ranks 1..k and token i with its
+    rank among the whole vocabulary (the forward pass's)."""
+    import json
+    import urllib.request
+
+    from transformers import AutoModelForCausalLM
+
+    sequence = sequences[0]
+    body = json.dumps({"model": "toy", "prompt": sequence, "max_tokens": 1, "prompt_logprobs": 2}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{served}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        entries = json.load(answer)["choices"][0]["prompt_logprobs"]
+    model = AutoModelForCausalLM.from_pretrained(toy_world.teacher_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([sequence])).logits[0, :-1].float().log_softmax(-1)
+    assert entries[0] is None and len(entries) == len(sequence)
+    for i in range(1, len(sequence)):
+        token = sequence[i]
+        expected_rank = int((logprobs[i - 1] > logprobs[i - 1, token]).sum()) + 1
+        assert entries[i][str(token)]["rank"] == expected_rank
+        top = sorted(entries[i].values(), key=lambda v: v["rank"])[:2]
+        assert [v["rank"] for v in top] == [1, 2]
+        assert len(entries[i]) == (2 if expected_rank <= 2 else 3)
