@@ -39,6 +39,8 @@ install_requires = [
     "msgspec>=0.18",
     "fastapi>=0.110",
     "uvicorn>=0.29",
+    # The served teacher's client (verl_npd/rollout/remote_teacher.py); ray[default] has it too.
+    "aiohttp>=3.9",
     "cachetools>=5",
 ]
 

@@ -157,6 +157,8 @@ def _compose(overrides):
         (["trainer.n_gpus_per_node=2", "distillation.teacher_models.teacher_model.num_replicas=2"], 6),
         # a standalone rollout pool of 2 replicas adds their servers
         (["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=2"], 5),
+        # a teacher served outside the job has no server process here
+        (["npd.teacher.url=http://127.0.0.1:9/v1"], 2),
     ],
 )
 def test_every_computing_process_of_a_node_is_counted(overrides, processes):

@@ -24,6 +24,12 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
         (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
+        # A served teacher takes no logical GPU.
+        (
+            ["npd.teacher.url=http://127.0.0.1:9/v1", "ray_kwargs.ray_init.num_gpus=0"],
+            "needs 1 logical GPUs (trainer 1) but ray_kwargs.ray_init.num_gpus is 0",
+        ),
+        (["npd.teacher.url=127.0.0.1:8000"], "npd.teacher.url must start with http:// or https://, got '127.0.0.1:8000'"),
         (
             ["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
             "needs 3 logical GPUs (trainer 1 + teacher 1 + standalone rollout 1)",

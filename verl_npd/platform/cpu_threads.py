@@ -45,7 +45,7 @@ def configured_threads() -> int | None:
 
 def compute_processes_per_node(config: DictConfig) -> int:
     """Processes that compute on one node: trainer ranks, rollout servers (colocated and standalone)
-    and teacher servers. Counted as if every pool shared the node, which is exact on one machine
+    and teacher servers (in the job). Counted as if every pool shared the node, which is exact on one machine
     and conservative on several."""
     rollout = config.actor_rollout_ref.rollout
     rollout_tp = max(1, int(rollout.get("tensor_model_parallel_size", 1) or 1))
@@ -54,8 +54,10 @@ def compute_processes_per_node(config: DictConfig) -> int:
     if int(rollout.get("nnodes", 0) or 0) > 0:
         processes += max(1, int(rollout.n_gpus_per_node) // rollout_tp)
     distillation = config.get("distillation")
-    if distillation is not None and distillation.get("enabled", False):
-        # One server process per teacher replica, whatever its tensor parallelism.
+    served_teacher = config.get("npd", {}).get("teacher", {}).get("url")
+    if distillation is not None and distillation.get("enabled", False) and not served_teacher:
+        # One server process per teacher replica, whatever its tensor parallelism (none for a
+        # teacher served outside the job, npd.teacher.url).
         processes += sum(int(teacher.get("num_replicas", 1) or 1) for teacher in distillation.teacher_models.values())
     return processes
 

@@ -160,6 +160,8 @@ class Sequence:
     # log p(prompt token t+1 | tokens <= t) for every t, then one zero pad entry (S entries): what
     # vLLM's prompt_logprobs also returns beside the top-k, so one prefill gives both.
     prompt_token_logprobs: list[float] | None = None
+    # The rank of each prompt token t+1 among all tokens (1 = most likely), as vLLM reports it.
+    prompt_token_ranks: list[int] | None = None
     finish_reason: str | None = None
     """``"stop"`` (eos or stop token), ``"length"`` (max_tokens) or ``"abort"``."""
     abort_requested: bool = False
@@ -486,6 +488,7 @@ class BatchedEngine:
         seq.prompt_topk_ids = ids.tolist() + [[0] * width]
         seq.prompt_topk_logprobs = values.tolist() + [[0.0] * width]
         seq.prompt_token_logprobs = actual.squeeze(1).tolist() + [0.0]
+        seq.prompt_token_ranks = ((logprobs > actual).sum(dim=-1) + 1).tolist()
 
     @staticmethod
     def _merge(old: _RunningBatch, new: _RunningBatch) -> _RunningBatch:

@@ -70,7 +70,7 @@ from verl.workers.rollout.base import BaseRollout  # noqa: E402
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput  # noqa: E402
 
 from verl_npd.platform.cpu_threads import configured_threads  # noqa: E402
-from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, scoring_params  # noqa: E402
+from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS, scoring_params  # noqa: E402
 
 if TYPE_CHECKING:
     from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
@@ -333,6 +333,7 @@ class CPURolloutServer:
             extra_fields["prompt_ids"] = seq.prompt_topk_ids
             extra_fields["prompt_logprobs"] = seq.prompt_topk_logprobs
             extra_fields[PROMPT_TOKEN_LOGPROBS] = seq.prompt_token_logprobs
+            extra_fields[PROMPT_TOKEN_RANKS] = seq.prompt_token_ranks
         return TokenOutput(
             token_ids=seq.output_ids,
             log_probs=seq.output_logprobs if seq.spec.logprobs else None,

@@ -14,6 +14,9 @@ itself and calls them directly. Generation is one ``generate`` call per sample. 
 
 Both return the same numbers (tested). One prefill gives the top-k and the actual tokens'
 log-probs, as vLLM's ``prompt_logprobs`` does: a teacher scores each sample once.
+
+A teacher served outside the job (``npd.teacher.url``) scores through
+:class:`verl_npd.rollout.remote_teacher.HTTPTeacher`, which has the same ``score``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ logger = logging.getLogger("verl_npd")
 # The key under which servers return log p(actual token) next to the top-k in ``extra_fields``
 # (``npd_cpu`` always; verl's vLLM server once ``verl_npd.rollout.vllm_prompt_logprobs`` adds it).
 PROMPT_TOKEN_LOGPROBS = "prompt_token_logprobs"
+# ... and the rank of each actual token among all tokens (``npd_cpu``; what ``verl_npd.serve`` reports
+# as vLLM's ``rank``).
+PROMPT_TOKEN_RANKS = "prompt_token_ranks"
 
 _ABORTED = ("aborted", "abort")
 

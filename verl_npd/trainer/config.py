@@ -99,6 +99,45 @@ class GenerationConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """``npd.teacher``: a teacher served elsewhere (vLLM's OpenAI-compatible API) instead of verl's
+    teacher replicas. ``distillation.teacher_models`` still names the one teacher: its loss settings,
+    and its ``model_path`` for the tokenizer that preflight compares with the student's."""
+
+    url: str | None = field(
+        default=None,
+        metadata={
+            "help": "API base of the served teacher, e.g. http://host:8000/v1; null: teacher replicas in this "
+            "job. With a URL no GPU (or logical GPU) is reserved for the teacher."
+        },
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "The served model's name (vLLM's --served-model-name); null: the server's only one."}
+    )
+    api_key_env: str | None = field(
+        default=None, metadata={"help": "Name of an environment variable holding the API key; null: no key."}
+    )
+    max_concurrency: int = field(
+        default=64, metadata={"help": "Scoring requests in flight to the served teacher at once."}
+    )
+    max_wait_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "How long a scoring request is retried (with backoff) while the served teacher is unreachable, "
+            "restarting or overloaded, before the run fails."
+        },
+    )
+
+    def __post_init__(self):
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"npd.teacher.url must start with http:// or https://, got {self.url!r}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"npd.teacher.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_wait_s <= 0:
+            raise ValueError(f"npd.teacher.max_wait_s must be > 0, got {self.max_wait_s}")
+
+
+@dataclass
 class PackingConfig:
     """``npd.packing``: best-fit-decreasing packing of filtered samples into micro-batches."""
 
@@ -142,6 +181,7 @@ class NPDConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     filter: DeltaIFDFilterConfig = field(default_factory=DeltaIFDFilterConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -165,5 +205,6 @@ class NPDConfig:
             "generation": _from_mapping(GenerationConfig, values.pop("generation", None), "npd.generation"),
             "filter": DeltaIFDFilterConfig.from_mapping(values.pop("filter", None) or {}),
             "packing": _from_mapping(PackingConfig, values.pop("packing", None), "npd.packing"),
+            "teacher": _from_mapping(TeacherConfig, values.pop("teacher", None), "npd.teacher"),
         }
         return _from_mapping(cls, {**values, **nested}, "npd")

@@ -59,6 +59,12 @@ class NearPolicyTrainer(RayPPOTrainer):
     def __init__(self, *args, npd_config: NPDConfig, stop_requested: threading.Event | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.npd = npd_config
+        if self.npd.teacher.url is not None:
+            # A served teacher: verl builds no teacher replicas (ray_trainer.py:926 reads
+            # use_teacher_policy) and reserves no teacher pool, which main_ppo_v0.py:94 adds whenever
+            # distillation is enabled (the actor's loss needs it enabled).
+            self.use_teacher_policy = False
+            self.resource_pool_manager.resource_pool_spec.pop("teacher_pool", None)
         self.stop_requested = stop_requested or threading.Event()
         self._last_saved_step = 0
         rollout = self.config.actor_rollout_ref.rollout
@@ -164,15 +170,11 @@ class NearPolicyTrainer(RayPPOTrainer):
             student_generation_client = student_servers.get_client(client_cls=FullyAsyncLLMServerClient)
         else:
             student_generation_client = student_pool
-        teachers = self.teacher_model_manager.distillation_config.teacher_models
         prompts_per_batch = self.config.data.train_batch_size
         return AsyncRolloutManager(
             student_generation_client=student_generation_client,
             student_scorer=student_pool,
-            teacher_scorers={
-                key: pool(handles, f"teacher {key!r}", teachers[key].inference.name)
-                for key, handles in self.teacher_model_manager.server_handles.items()
-            },
+            teacher_scorers=self._teacher_scorers(pool),
             teacher_topk=self.config.distillation.distillation_loss.topk,
             buffer=self.buffer,
             sample_filter=get_sample_filter("delta_ifd")(self.npd.filter),
@@ -187,6 +189,32 @@ class NearPolicyTrainer(RayPPOTrainer):
             max_retries=generation.max_retries,
             seed=self.stream.seed,
         )
+
+    def _teacher_scorers(self, pool) -> dict:
+        """Each teacher's scorer: its verl replicas, or the teacher served at ``npd.teacher.url``."""
+        served = self.npd.teacher
+        if served.url is not None:
+            from verl.utils.config import omega_conf_to_dataclass
+
+            from verl_npd.rollout.remote_teacher import HTTPTeacher, teacher_api_key
+
+            # The routing key, as verl's teacher manager keys its replicas.
+            (key,) = omega_conf_to_dataclass(self.config.distillation).teacher_models
+            return {
+                key: HTTPTeacher(
+                    served.url,
+                    model=served.model,
+                    api_key=teacher_api_key(served.api_key_env),
+                    max_concurrency=served.max_concurrency,
+                    timeout_s=self.npd.generation.request_timeout_s,
+                    max_wait_s=served.max_wait_s,
+                )
+            }
+        teachers = self.teacher_model_manager.distillation_config.teacher_models
+        return {
+            key: pool(handles, f"teacher {key!r}", teachers[key].inference.name)
+            for key, handles in self.teacher_model_manager.server_handles.items()
+        }
 
     # ---- the loop ------------------------------------------------------------------------------
 

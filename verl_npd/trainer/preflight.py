@@ -28,6 +28,11 @@ def preflight(config: DictConfig) -> None:
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
 
+    if served_teacher_url(config) and len(config.distillation.teacher_models) != 1:
+        raise PreflightError(
+            f"npd.teacher.url serves one teacher, but distillation.teacher_models has "
+            f"{len(config.distillation.teacher_models)} ({sorted(config.distillation.teacher_models)})"
+        )
     student_path = check_model_path("actor_rollout_ref.model.path", config.actor_rollout_ref.model.path)
     teacher_paths = {
         f"distillation.teacher_models.{key}.model_path": check_model_path(
@@ -315,6 +320,11 @@ def check_prompt_lengths(field_name: str, paths: list[str], prompt_key: str, tok
             print(f"verl-npd: {what}; they are truncated (data.truncation={data.truncation})", file=sys.stderr)
 
 
+def served_teacher_url(config: DictConfig) -> str | None:
+    """``npd.teacher.url``: the teacher is served outside the job and takes none of its resources."""
+    return config.get("npd", {}).get("teacher", {}).get("url")
+
+
 def plan_resources(config: DictConfig) -> dict[str, int]:
     """The GPUs (logical ones on CPU) of each pool verl will ask Ray for, after checking that verl
     can split every pool and batch the way it will try to. Pure arithmetic on the config: it
@@ -324,7 +334,8 @@ def plan_resources(config: DictConfig) -> dict[str, int]:
       of ``ulysses_sequence_parallel_size``; verl hands each data-parallel rank an equal chunk of
       every batch, so the samples per step must divide evenly;
     - teacher: ``distillation.n_gpus_per_node * distillation.nnodes``, split into replicas by
-      verl's own ``DistillationConfig`` (its checks run here);
+      verl's own ``DistillationConfig`` (its checks run here); none for a teacher served at
+      ``npd.teacher.url``;
     - standalone rollout (``rollout.nnodes > 0``): ``rollout.n_gpus_per_node * rollout.nnodes``,
       one replica per ``tensor_model_parallel_size`` GPUs; a colocated rollout splits the trainer
       pool the same way.
@@ -336,7 +347,7 @@ def plan_resources(config: DictConfig) -> dict[str, int]:
     pools = {
         "trainer": trainer_gpus,
         "teacher": config.distillation.n_gpus_per_node * config.distillation.nnodes
-        if config.distillation.enabled
+        if config.distillation.enabled and not served_teacher_url(config)
         else 0,
         "standalone rollout": rollout.n_gpus_per_node * max(rollout.nnodes, 0),
     }
@@ -381,7 +392,8 @@ def plan_resources(config: DictConfig) -> dict[str, int]:
 
 
 def check_resources(config: DictConfig) -> None:
-    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker.
+    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker
+    (none for a teacher served at ``npd.teacher.url``).
 
     Joining a running cluster (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``), the cluster's
     own resources count; they are checked when verl places its pools (``apply_resource_fail_fast``).
