@@ -85,14 +85,21 @@ def test_configs_fit_the_declared_gpus_and_pass_verls_checks(toy_world, recipe):
             assert (pools["trainer"], pools["teacher"]) == declared_gpus(recipe)
 
 
-def test_the_two_gpu_variant_of_the_qwen2_5_recipe_fits():
-    # recipes/qwen2.5_0.5b_from_7b_gsm8k/README.md, "The 2-GPU variant".
+@pytest.mark.parametrize(
+    "recipe, overrides, pools",
+    [
+        # recipes/qwen2.5_0.5b_from_7b_gsm8k/README.md, "The 2-GPU variant".
+        ("qwen2.5_0.5b_from_7b_gsm8k", ("trainer.n_gpus_per_node=1", "distillation.n_gpus_per_node=1"), (1, 1)),
+        # README.md, "N GPUs, M nodes": the Qwen3 recipe on 2 nodes of 8 GPUs.
+        ("qwen3_1.7b_from_8b_gsm8k_math", ("trainer.nnodes=2", "distillation.nnodes=2"), (12, 4)),
+    ],
+)
+def test_documented_variants_fit(recipe, overrides, pools):
     from verl_npd.trainer.preflight import plan_resources
 
-    overrides = ("trainer.n_gpus_per_node=1", "distillation.n_gpus_per_node=1")
     for name in ("npd", "opd_baseline"):
-        config = compose("recipes/qwen2.5_0.5b_from_7b_gsm8k/config", name, overrides)
-        assert plan_resources(config) == {"trainer": 1, "teacher": 1, "standalone rollout": 0}
+        config = compose(f"recipes/{recipe}/config", name, overrides)
+        assert plan_resources(config) == {"trainer": pools[0], "teacher": pools[1], "standalone rollout": 0}
 
 
 @pytest.mark.parametrize(

@@ -362,7 +362,6 @@ class NearPolicyTrainer(RayPPOTrainer):
     def _train_step(self) -> dict[str, float]:
         step_start = time.perf_counter()
         taken = self.buffer.take(self.samples_per_step, trainer_version=self.global_steps)
-        train_start = time.perf_counter()
         packed = train_packed(
             self.actor_rollout_wg,
             [s.payload for s in taken.samples],
@@ -372,15 +371,14 @@ class NearPolicyTrainer(RayPPOTrainer):
             temperature=self.config.actor_rollout_ref.rollout.temperature,
             seed=self.global_steps,
         )
-        train_s = time.perf_counter() - train_start
         self.global_steps += 1
         tokens = sum(packed.lengths)
         all_bins = [bin_ for bins in packed.rank_bins for bin_ in bins]
         metrics = {
             "timing/wait_gen": taken.wait_s,
-            "timing/train": train_s,
+            "timing/train": packed.train_s,
             "timing/step": time.perf_counter() - step_start,
-            "perf/train_tokens_per_s": tokens / train_s,
+            "perf/train_tokens_per_s": tokens / packed.train_s,
             "perf/train_tokens": float(tokens),
             "npd/behaviour_version_min": float(min(s.version for s in taken.samples)),
             "npd/behaviour_version_max": float(max(s.version for s in taken.samples)),
@@ -481,6 +479,8 @@ class PackedUpdate:
     """Per data-parallel rank, its micro-batches as indices into the given samples."""
     metrics: dict[str, float]
     """The actor's metrics (``actor/*``) and the loss's ``npd/*`` metrics."""
+    train_s: float
+    """Seconds in verl's ``update_actor``."""
 
 
 def train_packed(
@@ -527,9 +527,11 @@ def train_packed(
         use_dynamic_bsz=True,
         max_token_len_per_gpu=packing.token_budget,
     )
+    train_start = time.perf_counter()
     output = actor_wg.update_actor(batch_td)
+    train_s = time.perf_counter() - train_start
     metrics = {f"actor/{k}": _mean(v) for k, v in tu.get(output, "metrics").items()} | _npd_metrics(output)
-    return PackedUpdate(lengths=lengths, rank_bins=rank_bins, metrics=metrics)
+    return PackedUpdate(lengths=lengths, rank_bins=rank_bins, metrics=metrics, train_s=train_s)
 
 
 def collate_samples(samples: list[GeneratedSample], pad_id: int) -> DataProto:
