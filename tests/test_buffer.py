@@ -221,3 +221,45 @@ def test_staleness_bound_validation_names_the_field(sync_interval, max_staleness
 def test_capacity_smaller_than_a_batch_is_rejected():
     with pytest.raises(ValueError, match="npd.buffer.capacity=2"):
         NearPolicyBuffer(capacity=2, max_staleness=0, batch_size=4)
+
+
+@pytest.mark.parametrize("sync_interval, max_staleness", [(2, 2), (4, 4), (1, 1)])
+def test_waves_sized_for_the_filter_fill_a_batch_and_stay_fresh(sync_interval, max_staleness):
+    # The generator asks for a batch's worth of samples plus what the filter drops (a seventh more
+    # when it keeps 7 of 8); counting in-flight samples at that rate, the buffer grants waves of
+    # about that size instead of full ones followed by a small remainder.
+    batch = 16
+    buffer = NearPolicyBuffer(
+        capacity=96, max_staleness=max_staleness, batch_size=batch, stale_policy="wait", expected_keep_fraction=7 / 8
+    )
+    grants = []
+    stop = threading.Event()
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            wanted = -(-batch * 8 // 7)  # ceil(16 / (7/8)) = 19
+            try:
+                version, granted = buffer.acquire(wanted, timeout=0.05)
+            except TimeoutError:
+                continue
+            grants.append(granted)
+            kept = [Sample(uid=f"s{j}", version=version) for j in range(i, i + granted) if j % 8 != 0]
+            i += granted
+            buffer.put(kept, reserved=granted, filtered=granted - len(kept))
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    staleness = []
+    for t in range(1, 41):
+        staleness += buffer.take(batch, trainer_version=t - 1, timeout=10).staleness
+        if t % sync_interval == 0:
+            buffer.set_rollout_version(t)
+    stop.set()
+    producer.join(timeout=5)
+    assert max(staleness) <= max_staleness
+    # A sync frees two batches, 32 / (7/8) = 36.6 samples: a full wave and a nearly full one, never a
+    # small remainder (waves of one batch gave 16, 16 and then 4 or 5).
+    assert min(grants[:-1]) >= 15, grants
+    # A wave that keeps more than the expected 7/8 may leave a sample or two behind a sync.
+    assert buffer.counters.dropped_stale <= 0.02 * buffer.counters.generated, buffer.counters

@@ -166,6 +166,12 @@ def test_prompt_logprobs_vllm_layout(server, tiny):
             assert torch.tensor(ids).shape == torch.tensor(values).shape == (len(seq), max(k, 1))
             assert ids[-1] == [0] * max(k, 1) and values[-1] == [0.0] * max(k, 1)
             reference = _forward_logprobs(tiny.models["a"], seq)[:-1]
+            # The actual tokens' log-probs come with the top-k, as vLLM's prompt_logprobs gives both.
+            actual = out.extra_fields["prompt_token_logprobs"]
+            assert len(actual) == len(seq) and actual[-1] == 0.0
+            torch.testing.assert_close(
+                torch.tensor(actual[:-1]), reference.gather(1, torch.tensor(seq[1:]).unsqueeze(1)).squeeze(1), atol=1e-4, rtol=0
+            )
             if k == 0:
                 assert [row[0] for row in ids[:-1]] == seq[1:]
                 expected = reference.gather(1, torch.tensor(seq[1:]).unsqueeze(1))
@@ -313,3 +319,74 @@ def test_engine_masks_ids_beyond_tokenizer_and_rejects_unsupported_params(tiny):
     # Unset (None) and empty values are what vLLM's defaults look like, not errors.
     spec = SamplingSpec.from_request({"stop": [], "top_k": None, "seed": None, "n": 1}, max_tokens=4, vocab_size=9)
     assert spec.top_k == -1 and spec.seed is None
+
+
+def _one_wave(server, tiny, batched: bool, wave_prompts: int):
+    """Run one rollout-manager wave on the server (student and teacher alike) and return its samples."""
+    from verl_npd.filters.delta_ifd import DeltaIFDFilter, DeltaIFDFilterConfig
+    from verl_npd.rollout.async_manager import AsyncRolloutManager, PromptItem, PromptStream
+    from verl_npd.rollout.buffer import NearPolicyBuffer
+    from verl_npd.rollout.scoring import ServerPool
+
+    def pool(name):
+        return ServerPool([server.handle], name=name, batched=batched, timeout_s=60, max_retries=0)
+
+    buffer = NearPolicyBuffer(capacity=64, max_staleness=0, batch_size=wave_prompts)
+    student = pool("rollout")  # as the trainer wires colocated replicas: it generates and scores
+    manager = AsyncRolloutManager(
+        student_generation_client=student,
+        student_scorer=student,
+        teacher_scorers={"teacher": pool("teacher")},
+        teacher_topk=4,
+        buffer=buffer,
+        sample_filter=DeltaIFDFilter(DeltaIFDFilterConfig(enabled=False)),
+        prompt_fn=lambda position: PromptItem(position, PROMPTS[position % len(PROMPTS)], None, {}),
+        stream=PromptStream(dataset_size=len(PROMPTS), seed=0),
+        header_ids=[3, 4],
+        samples_per_prompt=1,
+        sampling_params={"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_tokens": 6},
+        max_wave_prompts=wave_prompts,
+        max_waves_in_flight=1,
+        request_timeout_s=60,
+        max_retries=0,
+        seed=7,
+    )
+    version, granted = buffer.acquire(wave_prompts)
+    asyncio.run(manager._run_wave(list(range(granted)), version, granted))
+    return [s.payload for s in buffer.take(granted, trainer_version=0, timeout=1).samples]
+
+
+def test_a_wave_scores_the_same_batched_or_one_request_per_sequence_with_the_fewest_calls(server, tiny):
+    wave = 5
+    before = _stats(server)
+    batched = _one_wave(server, tiny, batched=True, wave_prompts=wave)
+    after_batched = _stats(server)
+    single = _one_wave(server, tiny, batched=False, wave_prompts=wave)
+    after_single = _stats(server)
+
+    # Batched: one generate per sample, and three prefill calls for the whole wave (the teacher's
+    # prompt+response with top-k and actual tokens, the teacher's and the student's header+response).
+    assert after_batched["generate_calls"] - before["generate_calls"] == wave
+    assert after_batched["score_prompts_calls"] - before["score_prompts_calls"] == 3
+    # One request per sequence: one generate per sample and per prefill, no batch calls.
+    assert after_single["generate_calls"] - after_batched["generate_calls"] == wave * 4
+    assert after_single["score_prompts_calls"] == after_batched["score_prompts_calls"]
+
+    model = tiny.models["a"]
+    for b, s in zip(sorted(batched, key=lambda g: g.prompt.position), sorted(single, key=lambda g: g.prompt.position)):
+        # Per-sample seeds: the same responses whatever else shares the batch.
+        assert b.response_ids == s.response_ids and len(b.response_ids) > 0
+        sequence = b.prompt.prompt_ids + b.response_ids
+        reference = _forward_logprobs(model, sequence)[:-1]
+        expected_ids = reference.topk(4, dim=-1).indices
+        assert torch.equal(b.teacher_topk_ids[:-1].long(), expected_ids)
+        assert torch.equal(s.teacher_topk_ids[:-1].long(), expected_ids)
+        torch.testing.assert_close(b.teacher_topk_log_probs, s.teacher_topk_log_probs, atol=1e-4, rtol=0)
+        response_reference = _response_logprobs(model, b.prompt.prompt_ids, b.response_ids)
+        unconditional_reference = _response_logprobs(model, [3, 4], b.response_ids)
+        for got in (b, s):
+            torch.testing.assert_close(torch.tensor(got.teacher_cond), torch.tensor(response_reference), atol=1e-4, rtol=0)
+            for uncond in (got.teacher_uncond, got.behaviour_uncond):
+                torch.testing.assert_close(
+                    torch.tensor(uncond), torch.tensor(unconditional_reference), atol=1e-4, rtol=0
+                )

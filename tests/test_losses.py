@@ -39,7 +39,7 @@ def ref_kl(p: list[float], q: list[float]) -> float:
 
 
 def ref_token_loss(mode, tail, beta, student_logits, teacher_ids, teacher_log_probs, target=None) -> float:
-    """The loss of one token, straight from the definitions in NPD_SPEC.md / the distill docstring."""
+    """The loss of one token, straight from the definitions in docs/algorithm.md / the distill docstring."""
     p_s = ref_softmax(student_logits)
     p_t = [math.exp(lp) for lp in teacher_log_probs]
     m_t = sum(p_t)

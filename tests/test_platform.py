@@ -135,3 +135,65 @@ def test_resource_shortfall_fails_fast_instead_of_hanging():
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("ResourceShortfallError :: verl resource pool 'too_big' cannot be placed"), last
     assert "needs 2 CPU and 2 GPU" in last
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    import verl  # noqa: F401  (the plugin: the ${npd_toy:...} resolvers the config names)
+    from verl_npd.trainer.main_npd import __file__ as main_file
+
+    config_dir = str(__import__("pathlib").Path(main_file).parents[1] / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="npd_trainer", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, processes",
+    [
+        # trainer rank + its colocated rollout server + the teacher's server
+        ([], 3),
+        # two trainer ranks with a server each (TP 1), two teacher replicas
+        (["trainer.n_gpus_per_node=2", "distillation.teacher_models.teacher_model.num_replicas=2"], 6),
+        # a standalone rollout pool of 2 replicas adds their servers
+        (["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=2"], 5),
+        # a teacher served outside the job has no server process here
+        (["npd.teacher.url=http://127.0.0.1:9/v1"], 2),
+    ],
+)
+def test_every_computing_process_of_a_node_is_counted(overrides, processes):
+    from verl_npd.platform.cpu_threads import compute_processes_per_node
+
+    assert compute_processes_per_node(_compose(overrides)) == processes
+
+
+def test_cores_are_shared_and_an_explicit_setting_wins_in_every_process():
+    # A fresh process per case: share_cores writes the environment that Ray workers inherit.
+    code = """
+        import json, os, sys, torch
+        from unittest import mock
+        from verl_npd.platform import cpu_threads
+        sys.path.insert(0, "tests")
+        from test_platform import _compose
+        config = _compose([])
+        with mock.patch.object(cpu_threads, "node_cores", return_value=8):
+            cpu_threads.share_cores(config)
+        print(json.dumps([os.environ["VERL_NPD_CPU_THREADS"], os.environ["OMP_WAIT_POLICY"], torch.get_num_threads()]))
+    """
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    clean = {k: v for k, v in os.environ.items() if k not in ("VERL_NPD_CPU_THREADS", "OMP_WAIT_POLICY")}
+    auto = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=repo, env=clean)
+    assert auto.returncode == 0, auto.stderr
+    # 8 cores over trainer, student server and teacher server.
+    assert json.loads(auto.stdout.splitlines()[-1]) == ["2", "PASSIVE", 2]
+    explicit = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=repo,
+        env={**clean, "VERL_NPD_CPU_THREADS": "1"},
+    )
+    assert explicit.returncode == 0, explicit.stderr
+    assert json.loads(explicit.stdout.splitlines()[-1]) == ["1", "PASSIVE", 1]
+    # A fresh process that only imports verl (a Ray worker) applies the setting through the platform.
+    worker = run_python("import torch, verl; print(torch.get_num_threads())", env_extra={"VERL_NPD_CPU_THREADS": "1"})
+    assert worker.stdout.split()[-1] == "1", worker.stderr

@@ -1,11 +1,14 @@
 """A misconfigured ``main_npd`` run fails before any Ray actor starts, with one line naming the field."""
 
+import json
+import os
 import re
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_module
+from conftest import REPO, run_module
 
 from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
 
@@ -21,6 +24,12 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
         (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
+        # A served teacher takes no logical GPU.
+        (
+            ["npd.teacher.url=http://127.0.0.1:9/v1", "ray_kwargs.ray_init.num_gpus=0"],
+            "needs 1 logical GPUs (trainer 1) but ray_kwargs.ray_init.num_gpus is 0",
+        ),
+        (["npd.teacher.url=127.0.0.1:8000"], "npd.teacher.url must start with http:// or https://, got '127.0.0.1:8000'"),
         (
             ["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
             "needs 3 logical GPUs (trainer 1 + teacher 1 + standalone rollout 1)",
@@ -37,6 +46,21 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         ),
         (["data.max_prompt_length=12"], "are longer than data.max_prompt_length=12: nothing is left"),
         (["data.train_files=/nonexistent.parquet"], "data.train_files: data file '/nonexistent.parquet' does not exist"),
+        # Values that verl's config dataclasses reject in __post_init__, inside Ray workers.
+        (
+            ["distillation.distillation_loss.loss_mode=no_such_loss"],
+            "verl-npd: distillation.distillation_loss.loss_mode: Unsupported loss mode: no_such_loss.",
+        ),
+        (
+            ["actor_rollout_ref.actor.loss_agg_mode=no-such-mode"],
+            "verl-npd: actor_rollout_ref.actor.loss_agg_mode: Invalid loss_agg_mode: no-such-mode",
+        ),
+        # A bare assert in verl (no message): the field is read from the asserted line.
+        (
+            ["actor_rollout_ref.actor.optim.lr_scheduler_type=no-such-schedule"],
+            "verl-npd: actor_rollout_ref.actor.optim.lr_scheduler_type: "
+            "AssertionError: assert self.lr_scheduler_type in",
+        ),
     ],
 )
 def test_bad_config_fails_fast_naming_the_field(toy_world, overrides, expected):
@@ -90,3 +114,102 @@ def test_bad_dataset_is_named(toy_world, tmp_path, problem):
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"verl-npd: data.train_files: '{bad}' has {problem}"), line
+
+
+@pytest.mark.parametrize(
+    "config_dir, config_name",
+    [("verl_npd/config", "npd_trainer")]
+    + [(f"recipes/{recipe}/config", "npd") for recipe in sorted(os.listdir(os.path.join(REPO, "recipes")))
+       if os.path.isfile(os.path.join(REPO, "recipes", recipe, "config", "npd.yaml"))],
+)
+def test_shipped_configs_pass_verl_config_check(toy_world, config_dir, config_name):
+    """verl's dataclasses accept every config we ship (with our loss modes, engines and patches in
+    place). The GPU recipes' hub models are not here: the student is the toy's, as verl loads its
+    tokenizer and config while building the model section."""
+    from hydra import compose, initialize_config_dir
+
+    from verl_npd.trainer.preflight import check_verl_config
+
+    overrides = [] if config_name == "npd_trainer" else [f"actor_rollout_ref.model.path={toy_world.student_dir}"]
+    with initialize_config_dir(config_dir=os.path.join(REPO, config_dir), version_base=None):
+        config = compose(config_name=config_name, overrides=overrides)
+    check_verl_config(config)
+
+
+def test_model_directory_without_tokenizer_and_weights_is_named(toy_world, tmp_path):
+    """A student directory with only a config.json: the missing parts are named, before the vocabulary
+    comparison (which would report a 1-token student vocabulary)."""
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text((Path(toy_world.student_dir) / "config.json").read_text())
+    result = run_module("verl_npd.main_npd", [f"actor_rollout_ref.model.path={student}"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    expected = f"verl-npd: actor_rollout_ref.model.path: model directory '{student}' has no tokenizer"
+    assert line.startswith(expected), line
+    assert "and no weights" in line
+    assert "no config" not in line
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A complete tiny model directory (tokenizer, config, one safetensors file); it passes the check."""
+    from verl_npd.trainer.preflight import check_model_path
+
+    tokenizer = build_tiny_tokenizer(tmp_path)
+    build_tiny_qwen2(tmp_path, vocab_size=len(tokenizer))
+    assert check_model_path("m", str(tmp_path)) == str(tmp_path)
+    return tmp_path
+
+
+def test_truncated_safetensors_is_named(tiny_model_dir):
+    from verl_npd.trainer.preflight import PreflightError, check_model_path
+
+    weights = tiny_model_dir / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with pytest.raises(PreflightError, match=r"^m: model directory '.*': model.safetensors is not a readable "
+                                             r"safetensors file \(truncated or corrupt\?\)"):
+        check_model_path("m", str(tiny_model_dir))
+
+
+def test_sharded_model_with_a_missing_shard_is_named(tiny_model_dir):
+    from verl_npd.trainer.preflight import PreflightError, check_model_path
+
+    (tiny_model_dir / "model.safetensors").unlink()
+    model = build_tiny_qwen2(None, vocab_size=len(build_tiny_tokenizer(tiny_model_dir)))
+    model.save_pretrained(str(tiny_model_dir), max_shard_size="100KB")
+    with open(tiny_model_dir / "model.safetensors.index.json") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(shards) > 2
+    assert check_model_path("m", str(tiny_model_dir)) == str(tiny_model_dir)  # every shard present: fine
+    (tiny_model_dir / shards[1]).unlink()
+    with pytest.raises(PreflightError) as raised:
+        check_model_path("m", str(tiny_model_dir))
+    assert str(raised.value).endswith(
+        f"model.safetensors.index.json lists {len(shards)} shards, 1 missing: {shards[1]}"
+    )
+
+
+@pytest.mark.parametrize(
+    "rollout, accepted",
+    [
+        ({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs_mode": "processed_logprobs"}, True),
+        # Reshaped sampling: the sampler's processed log-probs are not the raw model's.
+        ({"temperature": 0.7, "top_p": 1.0, "top_k": -1, "logprobs_mode": "processed_logprobs"}, False),
+        ({"temperature": 1.0, "top_p": 0.9, "top_k": -1, "logprobs_mode": "processed_logprobs"}, False),
+        ({"temperature": 1.0, "top_p": 1.0, "top_k": 20, "logprobs_mode": "processed_logprobs"}, False),
+        # Raw log-probs describe the model whatever the sampling.
+        ({"temperature": 0.7, "top_p": 0.9, "top_k": 20, "logprobs_mode": "raw_logprobs"}, True),
+    ],
+)
+def test_the_students_ifd_terms_must_describe_one_distribution(rollout, accepted):
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.preflight import PreflightError, check_behaviour_log_probs
+
+    config = OmegaConf.create(rollout)
+    if accepted:
+        check_behaviour_log_probs(config)
+    else:
+        with pytest.raises(PreflightError, match="actor_rollout_ref.rollout.temperature=.*logprobs_mode=raw_logprobs"):
+            check_behaviour_log_probs(config)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, REPO, read_jsonl, run_module
-from verl_npd.rollout.async_manager import RequestFailed, call_with_retries
+from verl_npd.rollout.scoring import RequestFailed, call_with_retries
 
 QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
 
@@ -196,3 +196,37 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(toy_world, tmp_path):
         torch.testing.assert_close(final[1][key], final[0][key], rtol=1e-4, atol=1e-5)
     counters = [json.loads((tmp_path / n / "summary.json").read_text())["buffer"] for n in ("straight", "killed")]
     assert counters[1]["consumed"] == counters[0]["consumed"] == 4 * 16
+
+
+def test_a_served_teacher_restarted_mid_run_is_waited_for(toy_world, tmp_path):
+    """npd.teacher.url on the toy: the teacher takes no logical GPU (one, the trainer's, is enough),
+    and its server, killed once the first step is logged and restarted a few seconds later, is
+    waited for: the run trains every step and the client's retries name the URL."""
+    from test_remote_teacher import _free_port, _start_server, _stop
+
+    port = _free_port()
+    server = _start_server(toy_world.teacher_dir, port)
+    out, log = tmp_path / "run", tmp_path / "npd.log"
+    args = [
+        *FAST,
+        *QUIET,
+        f"npd.output_dir={out}",
+        "npd.total_steps=6",
+        f"npd.teacher.url=http://127.0.0.1:{port}/v1",
+        "npd.teacher.model=toy",
+        "ray_kwargs.ray_init.num_gpus=1",
+    ]
+    process = start_npd(args, log)
+    try:
+        wait_for(lambda: steps_logged(out) >= 1, process, log, "the first step")
+        _stop(server)
+        time.sleep(5)
+        server = _start_server(toy_world.teacher_dir, port)
+        assert process.wait(timeout=900) == 0, tail(log)
+    finally:
+        if process.poll() is None:
+            kill_session(process)
+        _stop(server)
+    assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    # The retries were logged by the rollout manager, whose output goes to the run's log.
+    assert f"teacher at http://127.0.0.1:{port}/v1/completions" in (out / "run.log").read_text(), tail(log)

@@ -43,3 +43,43 @@ def test_student_on_vllm_cpu_gets_every_sync_and_matches_the_trainer(toy_world, 
     # untrained student (~0.33 when the toy world was built) shows the first sync loaded them all.
     assert abs(summary["student_accuracy_before"] - toy_world.student_accuracy) < 0.15, summary
     assert 0.0 <= summary["student_accuracy_after"] <= 1.0
+
+
+def test_npd_distils_from_a_teacher_served_by_vllm(toy_world, tmp_path):
+    """The toy teacher behind ``vllm serve`` (vLLM's CPU build): its prompt log-probs through
+    HTTPTeacher are the teacher's own forward pass, and a short NPD run distils from it."""
+    import asyncio
+    import sys
+
+    import torch
+    from test_remote_teacher import _forward_scores, _free_port, _stop, start_listening
+    from transformers import AutoModelForCausalLM
+
+    from verl_npd.rollout.remote_teacher import HTTPTeacher
+
+    port = _free_port()
+    vllm_bin = f"{sys.prefix}/bin/vllm"
+    server = start_listening(
+        [vllm_bin, "serve", str(toy_world.teacher_dir), "--served-model-name", "toy", "--port", str(port),
+         "--dtype", "float32", "--enforce-eager", "--max-logprobs", "20", "--kv-cache-memory-bytes", "134217728"],
+        port,
+        timeout_s=900,
+    )  # fmt: skip
+    try:
+        sequence = list(range(3, 20))
+        teacher = HTTPTeacher(f"http://127.0.0.1:{port}/v1", "toy", None, max_concurrency=4, timeout_s=120, max_wait_s=300)
+
+        served = asyncio.run(teacher.score([sequence], 4))[0]
+        model = AutoModelForCausalLM.from_pretrained(toy_world.teacher_dir, dtype=torch.float32).eval()
+        ids, values, actual = _forward_scores(model, sequence, 4)
+        torch.testing.assert_close(served.topk_ids[:-1], ids.int(), rtol=0, atol=0)
+        torch.testing.assert_close(served.topk_log_probs[:-1], values, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(served.token_log_probs), actual, rtol=0, atol=1e-4)
+        run_on_policy(
+            tmp_path / "run",
+            [f"npd.teacher.url=http://127.0.0.1:{port}/v1", "npd.teacher.model=toy", "ray_kwargs.ray_init.num_gpus=1",
+             "trainer.val_before_train=false", "trainer.test_freq=-1"],
+            timeout=1500,
+        )  # fmt: skip
+    finally:
+        _stop(server)

@@ -22,6 +22,7 @@ REGISTRATION_MODULES = (
     "verl_npd.platform.cpu",
     "verl_npd.platform.verl_patches",
     "verl_npd.rollout.cpu_server",
+    "verl_npd.rollout.vllm_prompt_logprobs",
     "verl_npd.rollout.gloo_checkpoint_engine",
     "verl_npd.losses.verl_registration",
     "verl_npd.filters.verl_registration",

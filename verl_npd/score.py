@@ -4,7 +4,7 @@
 
 The student plays the behaviour model B (the one that wrote the responses); ``--behaviour``
 names a separate behaviour snapshot, which ``--mode student_lag`` needs. For each model M it
-computes the four terms of NPD_SPEC.md: s_M(y|x) from a forward over the chat-templated prompt
+computes the four terms of docs/algorithm.md: s_M(y|x) from a forward over the chat-templated prompt
 followed by the response tokens, s_M(y) from a forward over the assistant header followed by the
 same tokens (``verl_npd.filters.ifd``), then IFD, Δ-IFD and the filter's decision per row.
 
@@ -129,7 +129,7 @@ def _read_parquet(path: Path):
     try:
         return pq.read_table(path)
     except Exception as e:  # pyarrow has its own error types (ArrowInvalid, ...) besides OSError
-        raise InputError(f"--data {path}: not a readable .parquet file: {_one_line(e)}") from None
+        raise InputError(f"--data {path}: not a readable .parquet file: {one_line(e)}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -140,7 +140,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 if line.strip():
                     records.append(_json_object(line, path, line_number))
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--data {path}: cannot read: {_one_line(e)}") from None
+        raise InputError(f"--data {path}: cannot read: {one_line(e)}") from None
     return records
 
 
@@ -232,7 +232,7 @@ def load_tokenizer(path: str, flag: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
-        raise InputError(f"{flag} {path}: cannot load the tokenizer: {_one_line(e)}") from None
+        raise InputError(f"{flag} {path}: cannot load the tokenizer: {one_line(e)}") from None
 
 
 def tokenizer_mismatch(tokenizers: dict) -> str | None:
@@ -322,7 +322,7 @@ def load_model(path: str, flag: str, args, max_token_id: int):
             path, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
         )
     except Exception as e:  # missing weights, unknown architecture, remote code refused, ...
-        raise InputError(f"{flag} {path}: cannot load the model: {_one_line(e)}") from None
+        raise InputError(f"{flag} {path}: cannot load the model: {one_line(e)}") from None
     # An id beyond the embedding table would crash the forward with an index error.
     num_embeddings = model.get_input_embeddings().num_embeddings
     if max_token_id >= num_embeddings:
@@ -459,20 +459,26 @@ def _nullable(values, valid) -> list:
     return [float(v) if ok and math.isfinite(v) else None for v, ok in zip(values.tolist(), valid.tolist())]
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_command(parse, run_parsed, argv: list[str] | None) -> int:
+    """A command's main: parse ``argv``, run, print the summary as JSON; bad input ends with one
+    line on stderr and exit code 2."""
+    args = parse(argv)
     try:
-        summary = run(args)
+        summary = run_parsed(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""``python -m verl_npd.bench [--mini] [--steps N] [--methods a,b] [--out DIR] [--gpu-recipe DIR]``"""
+"""``python -m verl_npd.bench [--mini] [--steps N] [--seeds N] [--methods a,b] [--out DIR] [--gpu-recipe DIR]``"""
 
 import argparse
 import dataclasses
 import sys
 
-from verl_npd.bench.methods import METHOD_NAMES, select_methods
+from verl_npd.bench.methods import DEFAULT_METHODS, METHOD_NAMES, select_methods
 from verl_npd.bench.runner import Benchmark
 from verl_npd.bench.settings import GPU_RECIPE, TOY_FULL, TOY_MINI, Recipe
 
@@ -13,24 +13,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m verl_npd.bench",
         description="Compare NPD with verl's built-in on-policy distillation (sync and colocate_async), "
-        "SFT on teacher responses and two NPD ablations on the same task, hardware and budget; "
+        "SFT on teacher responses and two NPD ablations on the same task, hardware, budget and seeds; "
         "writes results.json, results.md and plots.",
     )
     parser.add_argument(
         "--methods",
-        default=",".join(METHOD_NAMES),
-        help=f"comma-separated methods to run, in this order (default: all: {','.join(METHOD_NAMES)})",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated methods to run, in this order (default: the reference run's "
+        f"{','.join(DEFAULT_METHODS)}; known: {','.join(METHOD_NAMES)})",
     )
     parser.add_argument(
         "--steps",
         type=int,
-        help="optimizer steps per method (default: 30 on the toy, 2 with --mini, the recipe's own with --gpu-recipe)",
+        help=f"optimizer steps per run (default: {TOY_FULL.steps} on the toy, {TOY_MINI.steps} with --mini, "
+        "the recipe's own with --gpu-recipe)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help=f"runs per method, with seeds 1..N, the same for every method (default: {TOY_FULL.seeds}; "
+        f"{TOY_MINI.seeds} with --mini)",
     )
     parser.add_argument("--out", default="outputs/bench", help="output directory (default: outputs/bench)")
     parser.add_argument(
         "--mini",
         action="store_true",
-        help="smoke-test size: 2 steps of 16 prompts, 32 validation prompts, validation every step",
+        help="smoke-test size: 2 steps of 16 prompts, 32 validation prompts, validation every step, one seed",
     )
     parser.add_argument(
         "--gpu-recipe",
@@ -42,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.gpu_recipe and args.mini:
         parser.error("--mini is the toy world's smoke-test size; use --steps with --gpu-recipe")
+    for name in ("steps", "seeds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -51,6 +62,8 @@ def main(argv=None) -> int:
     scale = GPU_RECIPE if args.gpu_recipe else (TOY_MINI if args.mini else TOY_FULL)
     if args.steps is not None:
         scale = dataclasses.replace(scale, steps=args.steps)
+    if args.seeds is not None:
+        scale = dataclasses.replace(scale, seeds=args.seeds)
     methods = select_methods([name.strip() for name in args.methods.split(",") if name.strip()])
     results = Benchmark(recipe, scale, methods, args.out).run()
     failed = [name for name, m in results["methods"].items() if m["status"] == "failed"]

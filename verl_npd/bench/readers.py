@@ -1,23 +1,24 @@
 """Each method's own outputs, read into one shape (``MethodRun``).
 
-Wall-clock is *training* time: seconds since the training loop started, after the workers are up
-and the untrained student has been validated (start-up differs between entry points and is reported
-separately as the process wall time). Validation during training is included, the same for every
-method. Per method:
+Wall-clock is *training* time: seconds of training since the training loop started, after the workers
+are up and the untrained student has been validated, with every validation pause left out
+(validation is the measuring instrument, and its cost differs between entry points). Start-up and
+validation are in the process wall time, which the runner measures. Per method:
 
-- NPD: ``metrics.jsonl`` and ``summary.json`` of ``verl_npd/trainer/summary.py`` (``wall_s`` of every
-  step and validation, minus that of the initial validation);
+- NPD: ``metrics.jsonl`` and ``summary.json`` of ``verl_npd/trainer/summary.py``: the ``wall_s`` of
+  each step, minus that of the initial validation and minus the ``timing/validation`` of every
+  validation so far (NPD validates after the step, before the row is written);
 - verl (``main_ppo``): its tracking's file backend, one line per step; wall-clock is the running sum
-  of ``timing_s/step`` and ``timing_s/testing`` (verl times validation outside the step);
+  of ``timing_s/step`` (verl times validation, ``timing_s/testing``, outside the step);
 - SFT: ``timeline.jsonl`` of ``verl_npd.bench.sft_trainer`` and ``evaluations.json``; its wall-clock
-  starts with the teacher's generation of the SFT data and includes the evaluation of every
-  checkpoint, as the other methods' includes their validations.
+  starts with the teacher's generation of the SFT data, then runs over the updates (checkpoint saves
+  and evaluations are left out).
 
 Time breakdown: generation wait (the trainer waiting for samples: NPD ``timing/wait_gen``, verl
 ``timing_s/gen``, SFT the teacher's generation), train (the optimizer update: ``timing/train``,
 ``timing_s/update_actor``, SFT's ``train_batch``), sync (weights to the rollout: ``timing/sync``,
-``timing_s/update_weights``) and other (the rest of the wall-clock: validation, verl's old-log-prob
-pass, bookkeeping).
+``timing_s/update_weights``) and other (the rest of the training wall-clock: verl's old-log-prob
+pass, bookkeeping). ``validation_s`` is the time the validations took, outside the training time.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class MethodRun:
     # Validation points: {"step", "wall_s", "tokens", "accuracy"}; step 0 is the untrained student.
     curve: list[dict] = field(default_factory=list)
     train_wall_s: float = 0.0
+    # Seconds the validations during training took (left out of train_wall_s and of the curve).
+    validation_s: float = 0.0
     train_tokens: float = 0.0
     # generation_wait / train / sync / other, in seconds; they add up to train_wall_s.
     breakdown_s: dict[str, float] = field(default_factory=dict)
@@ -71,38 +74,37 @@ def _breakdown(wall_s: float, generation_wait: float, train: float, sync: float)
 def read_npd(run_dir: str) -> MethodRun:
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    history = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    validations = summary["validations"]
+    history = sorted(read_jsonl(os.path.join(run_dir, "metrics.jsonl")), key=lambda r: r["step"])
+    initial = [v for v in summary["validations"] if v["step"] == 0]
     # The clock of summary.py starts before the initial validation; training starts after it.
-    origin = validations[0]["wall_s"] if validations and validations[0]["step"] == 0 else 0.0
-    tokens_by_step = {0: 0.0}
-    total = 0.0
+    origin = initial[0]["wall_s"] if initial else 0.0
+    curve = [{"step": 0, "wall_s": 0.0, "tokens": 0.0, "accuracy": initial[0]["accuracy"]}] if initial else []
+    tokens = validation_s = wall = 0.0
     for row in history:
-        total += row.get("perf/train_tokens", 0.0)
-        tokens_by_step[row["step"]] = total
-    curve = [
-        {
-            "step": v["step"],
-            "wall_s": max(0.0, v["wall_s"] - origin),
-            "tokens": tokens_by_step.get(v["step"], total),
-            "accuracy": v["accuracy"],
-        }
-        for v in validations
-        if v["accuracy"] is not None
-    ]
-    wall = history[-1]["wall_s"] - origin if history else 0.0
+        tokens += row.get("perf/train_tokens", 0.0)
+        accuracy = validation_accuracy(row)
+        if accuracy is not None:
+            if "timing/validation" not in row:
+                raise ValueError(
+                    f"{run_dir}/metrics.jsonl: step {row['step']} was validated but has no timing/validation"
+                )
+            validation_s += row["timing/validation"]
+        wall = row["wall_s"] - origin - validation_s
+        if accuracy is not None:
+            curve.append({"step": row["step"], "wall_s": wall, "tokens": tokens, "accuracy": accuracy})
     train_s = sum(r.get("timing/train", 0.0) for r in history)
     return MethodRun(
         curve=curve,
         train_wall_s=wall,
-        train_tokens=total,
+        validation_s=validation_s,
+        train_tokens=tokens,
         breakdown_s=_breakdown(
             wall,
             generation_wait=sum(r.get("timing/wait_gen", 0.0) for r in history),
             train=train_s,
             sync=sum(r.get("timing/sync", 0.0) for r in history),
         ),
-        trainer_tokens_per_s=total / train_s if train_s else None,
+        trainer_tokens_per_s=tokens / train_s if train_s else None,
         packing_efficiency=summary.get("packing_efficiency"),
         kept_fraction=summary.get("kept_fraction"),
     )
@@ -110,12 +112,13 @@ def read_npd(run_dir: str) -> MethodRun:
 
 def read_verl(run_dir: str) -> MethodRun:
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    curve, wall, tokens = [], 0.0, 0.0
+    curve, wall, tokens, validation_s = [], 0.0, 0.0, 0.0
     generation_wait = train_s = sync = 0.0
     for row in sorted(rows, key=lambda r: r["step"]):
         data, step = row["data"], row["step"]
         if step > 0:
-            wall += data.get("timing_s/step", 0.0) + data.get("timing_s/testing", 0.0)
+            wall += data.get("timing_s/step", 0.0)
+            validation_s += data.get("timing_s/testing", 0.0)
             tokens += data.get("perf/total_num_tokens", 0.0)
             generation_wait += data.get("timing_s/gen", 0.0)
             train_s += data.get("timing_s/update_actor", 0.0)
@@ -126,6 +129,7 @@ def read_verl(run_dir: str) -> MethodRun:
     return MethodRun(
         curve=curve,
         train_wall_s=wall,
+        validation_s=validation_s,
         train_tokens=tokens,
         breakdown_s=_breakdown(wall, generation_wait, train_s, sync),
         trainer_tokens_per_s=tokens / train_s if train_s else None,
@@ -136,23 +140,21 @@ def read_sft(run_dir: str, teacher_generation_s: float) -> MethodRun:
     timeline = {row["step"]: row for row in read_jsonl(os.path.join(run_dir, "timeline.jsonl"))}
     with open(os.path.join(run_dir, "evaluations.json")) as f:
         evaluations = json.load(f)
-    curve, eval_s = [], 0.0
+    curve = []
     for evaluation in evaluations:
         step = evaluation["step"]
-        if step == 0:  # the untrained student, before the clock starts (as for the other methods)
-            curve.append({"step": 0, "wall_s": 0.0, "tokens": 0.0, "accuracy": evaluation["accuracy"]})
-            continue
-        eval_s += evaluation["eval_s"]
+        # The untrained student is evaluated before the clock starts, as for the other methods.
+        wall = teacher_generation_s + timeline[step]["wall_s"] if step > 0 else 0.0
         tokens = sum(r["tokens"] for s, r in timeline.items() if s <= step)
-        wall = teacher_generation_s + timeline[step]["wall_s"] + eval_s
         curve.append({"step": step, "wall_s": wall, "tokens": tokens, "accuracy": evaluation["accuracy"]})
     last = timeline[max(timeline)] if timeline else {"wall_s": 0.0}
-    wall = teacher_generation_s + last["wall_s"] + eval_s
+    wall = teacher_generation_s + last["wall_s"]
     tokens = sum(r["tokens"] for r in timeline.values())
     train_s = sum(r["train_s"] for r in timeline.values())
     return MethodRun(
         curve=curve,
         train_wall_s=wall,
+        validation_s=sum(e["eval_s"] for e in evaluations if e["step"] > 0),
         train_tokens=tokens,
         breakdown_s=_breakdown(wall, teacher_generation_s, train_s, 0.0),
         trainer_tokens_per_s=tokens / train_s if train_s else None,

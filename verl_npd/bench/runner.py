@@ -1,5 +1,5 @@
-"""Runs the methods one after the other, each as its own process (its own Ray cluster), with a
-progress bar per method, then writes the results."""
+"""Runs the methods one after the other, each seed of each as its own process (its own Ray cluster),
+with a progress bar per run, then writes the results."""
 
 from __future__ import annotations
 
@@ -13,8 +13,15 @@ import time
 from tqdm.auto import tqdm
 
 from verl_npd.bench import readers, report
-from verl_npd.bench.methods import Command, Method, method_command, scale_overrides, sft_command
+from verl_npd.bench.methods import (
+    Command,
+    Method,
+    method_command,
+    run_overrides,
+    sft_command,
+)
 from verl_npd.bench.settings import REPO_ROOT, Recipe, Scale
+from verl_npd.platform.cpu_threads import share_cores
 
 
 def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
@@ -61,16 +68,28 @@ class Benchmark:
         self.teacher_accuracy: float | None = None
 
     def run(self) -> dict:
+        """Every method once per seed; seed after seed, so that a drift of the machine over the
+        benchmark's time falls on every method alike."""
         os.makedirs(self.data_dir, exist_ok=True)
         if self.recipe.toy:
+            # Every method's processes inherit the same share of the cores (verl_npd/platform/cpu_threads.py).
+            share_cores(self._npd_config(self.scale.seed_values[0]))
             self._prepare_toy()
-        runs = {}
-        for index, method in enumerate(self.methods, 1):
-            tag = f"[{index}/{len(self.methods)}] {method.name}"
+        methods = {m.name: {"label": m.label, "runs": []} for m in self.methods}
+        for m in self.methods:
+            shutil.rmtree(os.path.join(self.out_dir, m.name), ignore_errors=True)  # NPD appends: start clean
+            if m.runner == "sft" and not self.recipe.toy:
+                error = "SFT data is made from the toy teacher; GPU recipes have no SFT run"
+                methods[m.name].update(status="skipped", error=error)
+        runnable = [m for m in self.methods if methods[m.name].get("status") != "skipped"]
+        plan = [(seed, m) for seed in self.scale.seed_values for m in runnable]
+        for index, (seed, method) in enumerate(plan, 1):
+            tag = f"[{index}/{len(plan)}] {method.name} seed {seed}"
             print(f"\n{tag}: {method.label}", flush=True)
-            run = runs[method.name] = self._run_method(method, tag)
+            run = self._run_method(method, seed, tag)
+            methods[method.name]["runs"].append(run)
             print(f"{tag}: {run['status']} in {run['process_wall_s']:.0f} s", flush=True)
-        results = report.build_results(self._settings(), self.teacher_accuracy, runs)
+        results = report.build_results(self._settings(), self.teacher_accuracy, methods)
         markdown = report.write_results(results, self.out_dir)
         print("\n" + markdown)
         print(f"written to {self.out_dir}/results.json, results.md and the PNGs")
@@ -84,21 +103,21 @@ class Benchmark:
             "train_batch_size": scale.train_batch_size or "recipe default",
             "validation prompts": scale.val_size or "all",
             "validation every": f"{scale.test_freq} steps" if scale.test_freq else "recipe default",
+            "seeds": scale.seed_values,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         }
 
     # ---- the toy world's own data -------------------------------------------------------------
 
-    def _npd_config(self):
-        """The NPD config with the benchmark's scale: what SFT copies its settings from."""
-        from hydra import compose, initialize_config_dir
-
+    def _npd_config(self, seed: int):
+        """The NPD config with the benchmark's scale and seed: what SFT copies its settings from."""
         import verl  # noqa: F401  (loads the verl-npd plugin: the ${npd_toy:...} resolvers)
+        from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=self.recipe.npd_config_dir, version_base=None):
             return compose(
                 config_name=self.recipe.npd_config_name,
-                overrides=scale_overrides("npd", self.scale, self.val_files),
+                overrides=run_overrides("npd", self.scale, self.val_files, seed),
             )
 
     def _prepare_toy(self) -> None:
@@ -111,39 +130,42 @@ class Benchmark:
         self.teacher_accuracy = toy_data.model_accuracy(world.teacher_dir, self.val_files)
         print(f"teacher accuracy {self.teacher_accuracy:.3f} on {self.val_files}", flush=True)
 
-    # ---- one method --------------------------------------------------------------------------
+    # ---- one method, one seed ----------------------------------------------------------------
 
-    def _run_method(self, method: Method, desc: str) -> dict:
-        run_dir = os.path.join(self.out_dir, method.name)
-        shutil.rmtree(run_dir, ignore_errors=True)  # NPD appends to metrics.jsonl: start clean
+    def _run_method(self, method: Method, seed: int, desc: str) -> dict:
+        run_dir = os.path.join(self.out_dir, method.name, f"seed{seed}")
         os.makedirs(run_dir)
         log_path = os.path.join(run_dir, "run.log")
-        result = {"label": method.label, "log": os.path.relpath(log_path, self.out_dir)}
+        result = {"seed": seed, "log": os.path.relpath(log_path, self.out_dir)}
         if method.runner == "sft":
-            if not self.recipe.toy:
-                return {**result, "status": "skipped", "returncode": None, "process_wall_s": 0.0,
-                        "error": "SFT data is made from the toy teacher; GPU recipes have no SFT run"}  # fmt: skip
-            return {**result, **self._run_sft(method, run_dir, log_path, desc)}
-        command = method_command(method, self.recipe, self.scale, self.val_files, run_dir)
+            return {**result, **self._run_sft(seed, run_dir, log_path, desc)}
+        command = method_command(method, self.recipe, self.scale, self.val_files, seed, run_dir)
         returncode, wall = run_command(command, log_path, self.scale.steps, desc)
         read = readers.read_npd if method.runner == "npd" else readers.read_verl
         return {**result, **self._outcome(returncode, wall, log_path, lambda: read(run_dir))}
 
-    def _run_sft(self, method: Method, run_dir: str, log_path: str, desc: str) -> dict:
+    def _run_sft(self, seed: int, run_dir: str, log_path: str, desc: str) -> dict:
+        """Process wall: the teacher's generation (as recorded when it was made), the SFT process and
+        the evaluation of its checkpoints."""
         from verl_npd.bench import toy_data
 
-        config = self._npd_config()
+        config = self._npd_config(seed)
         n_prompts = config.npd.total_steps * config.data.train_batch_size
-        print(f"teacher responses for {n_prompts} training prompts (made once, then cached)", flush=True)
+        print(f"teacher responses for {n_prompts} training prompts (made once per seed, then cached)", flush=True)
         teacher_dir = config.distillation.teacher_models.teacher_model.model_path
-        train_files = config.data.train_files
-        responses, generation_s = toy_data.teacher_responses(teacher_dir, train_files, n_prompts, self.data_dir)
+        responses, generation_s = toy_data.teacher_responses(
+            teacher_dir, config.data.train_files, n_prompts, seed, self.data_dir
+        )
         command = sft_command(config, responses, run_dir)
         returncode, wall = run_command(command, log_path, config.npd.total_steps, desc)
         if returncode == 0:
             print("evaluating the SFT checkpoints", flush=True)
+            start = time.perf_counter()
             toy_data.evaluate_sft_run(run_dir, config.actor_rollout_ref.model.path, self.val_files)
-        outcome = self._outcome(returncode, wall, log_path, lambda: readers.read_sft(run_dir, generation_s))
+            wall += time.perf_counter() - start
+        outcome = self._outcome(
+            returncode, generation_s + wall, log_path, lambda: readers.read_sft(run_dir, generation_s)
+        )
         return {**outcome, "teacher_generation_s": generation_s}
 
     @staticmethod

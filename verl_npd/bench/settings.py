@@ -57,12 +57,20 @@ class Scale:
     # The first val_size prompts of the recipe's validation set (toy only).
     val_size: int | None
     test_freq: int | None
+    # Runs per method, with seeds 1..seeds (seed 1 is the recipes' own data.seed).
+    seeds: int
+
+    @property
+    def seed_values(self) -> list[int]:
+        return list(range(1, self.seeds + 1))
 
 
-# The toy comparison: the recipes' 30 steps of 64 prompts, all 512 validation prompts, validated
-# every 5 steps (the recipes' 10 gives too few points to time a target).
-TOY_FULL = Scale(steps=30, train_batch_size=None, val_size=None, test_freq=5)
+# The toy comparison: 150 steps of the recipes' 64 prompts, all 512 validation prompts every 10 steps,
+# 3 seeds. The most that fits about 45 minutes on 2 cores for npd, opd and sft (docs/benchmarks):
+# sync OPD is at about 80% there and still short of 90% of the teacher's 98%, so the target is lowered
+# by the rule in report.py.
+TOY_FULL = Scale(steps=150, train_batch_size=None, val_size=None, test_freq=10, seeds=3)
 # A smoke run of every code path in a few minutes (the test's setting).
-TOY_MINI = Scale(steps=2, train_batch_size=16, val_size=32, test_freq=1)
+TOY_MINI = Scale(steps=2, train_batch_size=16, val_size=32, test_freq=1, seeds=1)
 # GPU recipes: their own steps, batch, validation set and frequency.
-GPU_RECIPE = Scale(steps=None, train_batch_size=None, val_size=None, test_freq=None)
+GPU_RECIPE = Scale(steps=None, train_batch_size=None, val_size=None, test_freq=None, seeds=3)

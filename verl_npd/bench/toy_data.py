@@ -15,6 +15,7 @@ import os
 import re
 import time
 
+import numpy as np
 import pandas as pd
 
 
@@ -37,20 +38,35 @@ def model_accuracy(model_dir: str, val_parquet: str) -> float:
     return evaluate_accuracy(model_dir, AutoTokenizer.from_pretrained(model_dir), prompts, answers)
 
 
-def teacher_responses(teacher_dir: str, train_parquet: str, n_prompts: int, cache_dir: str) -> tuple[str, float]:
-    """The teacher's greedy responses to the first ``n_prompts`` training prompts, as a parquet of
-    chat ``messages`` (verl's SFT format), and the seconds it took to make them.
+def sampled_prompt_order(dataset_size: int, n_prompts: int, seed: int) -> list[int]:
+    """``n_prompts`` dataset indices: seeded permutations of the whole set, one after the other (the
+    next epoch starts when one is used up, as the other methods' samplers do)."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-n_prompts // dataset_size)
+    return np.concatenate([rng.permutation(dataset_size) for _ in range(epochs)])[:n_prompts].tolist()
 
-    Greedy, as in sequence-level knowledge distillation: the teacher's best answer, which is also how
-    its accuracy is measured. Made once and reused while teacher, prompts and count stay the same
-    (the file's ``.json`` sidecar keeps the generation time of the run that made it).
+
+def teacher_responses(
+    teacher_dir: str, train_parquet: str, n_prompts: int, seed: int, cache_dir: str
+) -> tuple[str, float]:
+    """The teacher's greedy responses to ``n_prompts`` training prompts in the order of
+    ``sampled_prompt_order``, as a parquet of chat ``messages`` (verl's SFT format), and the seconds
+    it took to make them (one response per distinct prompt: greedy decoding repeats itself).
+
+    The seed picks the prompts, as it picks the prompt order of the other methods: verl's SFT trainer
+    shuffles its data with a fixed seed of its own, so without this every seed would train on the
+    same batches. Greedy, as in sequence-level knowledge distillation: the teacher's best answer,
+    which is also how its accuracy is measured. Made once and reused while teacher, prompts, count and
+    seed stay the same (the file's ``.json`` sidecar keeps the generation time of the run that made
+    it).
     """
-    path = os.path.join(cache_dir, f"teacher_responses_{n_prompts}.parquet")
+    path = os.path.join(cache_dir, f"teacher_responses_{n_prompts}_seed{seed}.parquet")
     meta_path = path + ".json"
     key = {
         "teacher_dir": os.path.realpath(teacher_dir),
         "train_parquet": os.path.realpath(train_parquet),
         "n_prompts": n_prompts,
+        "seed": seed,
     }
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -64,15 +80,15 @@ def teacher_responses(teacher_dir: str, train_parquet: str, n_prompts: int, cach
     from verl_npd.toy import greedy_generate, read_problems
 
     prompts, _ = read_problems(train_parquet)
-    if n_prompts > len(prompts):
-        raise ValueError(f"SFT needs {n_prompts} prompts (steps x batch) but {train_parquet} has {len(prompts)}")
-    prompts = prompts[:n_prompts]
+    order = sampled_prompt_order(len(prompts), n_prompts, seed)
+    unique = sorted(set(order))
     start = time.perf_counter()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    responses = greedy_generate(teacher, AutoTokenizer.from_pretrained(teacher_dir), prompts)
+    responses = greedy_generate(teacher, AutoTokenizer.from_pretrained(teacher_dir), [prompts[i] for i in unique])
     generation_s = time.perf_counter() - start
+    response_of = dict(zip(unique, responses))
     messages = [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)
+        [{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": response_of[i]}] for i in order
     ]
     os.makedirs(cache_dir, exist_ok=True)
     pd.DataFrame({"messages": messages}).to_parquet(path, index=False)

@@ -1,4 +1,4 @@
-"""The Δ-IFD sample filter (NPD_SPEC.md, "The Δ-IFD filter").
+"""The Δ-IFD sample filter (docs/algorithm.md, "The Δ-IFD filter").
 
 A sample is kept when its Δ-IFD lies inside a band; the extremes on either side are dropped as
 out-of-distribution noise. Each sample gets exactly one reason, the first that applies:

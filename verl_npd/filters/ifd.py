@@ -1,4 +1,4 @@
-"""IFD and Δ-IFD scores (NPD_SPEC.md, "Definitions used here"), as pure torch functions.
+"""IFD and Δ-IFD scores (docs/algorithm.md, "Scores"), as pure torch functions.
 
 For a model M, a prompt x and a response y = y_1..y_N (response tokens only):
 

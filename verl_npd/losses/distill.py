@@ -1,7 +1,7 @@
-"""Packed-SFT distillation losses over the teacher's per-token top-k (NPD_SPEC.md, "The training step").
+"""Packed-SFT distillation losses over the teacher's per-token top-k (docs/algorithm.md, "The loss").
 
 Pure torch: no verl, no model, no process group. ``verl_registration`` adapts verl's calling
-convention to these functions; the NPD trainer calls them directly.
+convention to these functions, which is how both NPD's trainer and verl's run them.
 
 Notation, per token position t (the position whose *next* token is scored):
 

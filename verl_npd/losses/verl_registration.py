@@ -28,7 +28,7 @@ Adaptation done here:
   modes go to verl's function untouched. Only the FSDP/VeOmni engines are supported (Megatron shards
   the vocabulary over tensor-parallel ranks); Ulysses slicing mirrors verl's.
 - The registered function turns those per-token outputs into verl's response layout with
-  ``no_padding_2_padding`` and adds the top-k mass metrics, and ``npd/drift_kl`` (NPD_SPEC's drift,
+  ``no_padding_2_padding`` and adds the top-k mass metrics, and ``npd/drift_kl`` (the drift of docs/algorithm.md,
   mean of log p_B - log p_S_now) when the batch carries ``rollout_log_probs`` and verl kept the
   student's sampled-token log-probs (``distillation_only=False``). Unlike verl's ``forward_kl_topk`` it does
   not clamp the loss at 0: the NPD losses are true divergences (>= 0).
@@ -178,7 +178,7 @@ def compute_npd_distillation_loss(
 def _drift_sum(model_output: dict, data: Any, response_mask: torch.Tensor) -> torch.Tensor:
     """This micro-batch's share of the drift ``mean(log p_B - log p_S_now)`` over the global batch's response tokens.
 
-    NPD_SPEC's drift: the k1 estimate of KL(behaviour || current student), from the rollout's own
+    The drift of docs/algorithm.md: the k1 estimate of KL(behaviour || current student), from the rollout's own
     log-probs and the student's sampled-token log-probs of this training forward (present when verl
     runs with ``distillation_only=False``), so it costs nothing extra. Like verl's loss metric it is
     the micro-batch sum / global token count * dp_size, aggregated with SUM, so summing micro-batches

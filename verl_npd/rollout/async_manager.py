@@ -1,19 +1,20 @@
 """The asynchronous rollout manager: generates from a slightly stale student while the trainer
 trains, scores every finished sample with the teacher, filters by Δ-IFD and feeds the buffer.
 
-It runs its own asyncio loop in a background thread of the trainer's driver process and talks to
-verl's rollout replicas and teacher replicas through verl's load-balanced ``LLMServerClient``s,
-so the same code drives the CPU backend, vLLM or SGLang, on one machine or many.
+It runs its own asyncio loop in a background thread of the trainer's driver process, so the same
+code drives the CPU backend, vLLM or SGLang, on one machine or many.
 
-Per sample (a prompt x and one response y), all on the servers:
-1. the student's rollout replica samples y with its per-token log-probs (log p_B(y_i | x, y_<i));
-2. the teacher scores x+y: top-k log-probs per position (the distillation targets, through verl's
-   teacher manager) and the log-prob of every actual token (s_T(y|x));
-3. one prefill each of header+y (the assistant header without the user turn) on the teacher and
-   the rollout replica give the unconditional terms s_T(y) and s_B(y).
-Samples are processed in waves of up to ``wave_size`` prompts (fewer when the buffer grants fewer:
-only as many as will still be fresh for the trainer); a wave is the Δ-IFD filter's scoring window,
-and several waves are in flight at once.
+Samples are processed in waves of one training batch's worth of prompts, plus as many as the filter
+is expected to drop (fewer when the buffer grants fewer: only as many as will still be fresh for the
+trainer); a wave is the Δ-IFD filter's scoring window, and several waves are in flight at once.
+Per wave, all on the servers:
+1. the student's rollout replicas sample every response y with its per-token log-probs
+   (log p_B(y_i | x, y_<i)), one request per sample, straight to a server;
+2. then, at once and straight to the servers (:mod:`verl_npd.rollout.scoring`): the teacher
+   prefills every x+y once, which gives both the distillation targets (top-k log-probs per
+   position) and the actual tokens' log-probs (s_T(y|x)); the teacher and the student each
+   prefill header+y (the assistant header without the user turn) for the unconditional terms
+   s_T(y) and s_B(y).
 
 A weight sync to standalone rollout replicas (their own GPUs, a checkpoint engine) aborts the
 requests they are running. Generation then goes through ``student_generation_client``, verl's
@@ -27,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ import torch
 
 from verl_npd.filters.ifd import ifd_from_nll, mean_token_nll
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer, Sample
+from verl_npd.rollout.scoring import ServerPool, call_with_retries
 
 logger = logging.getLogger("verl_npd")
 
@@ -91,6 +94,18 @@ class PromptItem:
 
 
 @dataclass
+class Rollout:
+    """One response as the student's rollout replica returned it."""
+
+    prompt: PromptItem
+    response_ids: list[int]
+    log_probs: list[float]  # log p_B(y_i | x, y_<i)
+    version: int
+    # Generation was aborted by a weight sync and resumed on the new weights (standalone rollout).
+    spans_sync: bool
+
+
+@dataclass
 class GeneratedSample:
     """Everything the trainer and the filter need about one response."""
 
@@ -103,35 +118,7 @@ class GeneratedSample:
     teacher_cond: list[float]  # log p_T(y_i | x, y_<i)
     teacher_uncond: list[float]  # log p_T(y_i | header, y_<i)
     behaviour_uncond: list[float]  # log p_B(y_i | header, y_<i)
-    # Generation was aborted by a weight sync and resumed on the new weights (standalone rollout).
     spans_sync: bool = False
-    timing: dict[str, float] = field(default_factory=dict)
-
-
-class RequestFailed(RuntimeError):
-    """A rollout or teacher request failed or timed out after every retry."""
-
-
-async def call_with_retries(make_call: Callable, what: str, timeout_s: float, max_retries: int):
-    """Run ``make_call()`` with a timeout, retrying a bounded number of times; never hangs."""
-    last_error: BaseException | None = None
-    for attempt in range(max_retries + 1):
-        try:
-            return await asyncio.wait_for(make_call(), timeout=timeout_s)
-        except (asyncio.TimeoutError, TimeoutError) as e:
-            last_error = e
-            logger.warning("verl-npd: %s timed out after %.0fs (attempt %d/%d)", what, timeout_s, attempt + 1, max_retries + 1)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            last_error = e
-            logger.warning("verl-npd: %s failed (attempt %d/%d): %r", what, attempt + 1, max_retries + 1, e)
-    raise RequestFailed(f"{what} failed after {max_retries + 1} attempts: {last_error!r}") from last_error
-
-
-def _actual_token_logprobs(extra_fields: dict) -> list[float]:
-    """Entries of a ``prompt_logprobs=0`` answer: entry t is log p(token t+1); the last is padding."""
-    return [float(row[0]) for row in extra_fields["prompt_logprobs"][:-1]]
 
 
 class AsyncRolloutManager:
@@ -140,10 +127,10 @@ class AsyncRolloutManager:
     def __init__(
         self,
         *,
-        student_client,
         student_generation_client,
-        teacher_topk_scorer,
-        teacher_clients: dict[str, Any],
+        student_scorer: ServerPool,
+        teacher_scorers: dict[str, ServerPool],
+        teacher_topk: int,
         buffer: NearPolicyBuffer,
         sample_filter,
         prompt_fn: Callable[[int], PromptItem],
@@ -151,16 +138,16 @@ class AsyncRolloutManager:
         header_ids: Sequence[int],
         samples_per_prompt: int,
         sampling_params: dict[str, Any],
-        wave_size: int,
+        max_wave_prompts: int,
         max_waves_in_flight: int,
         request_timeout_s: float,
         max_retries: int,
         seed: int,
     ):
-        self.student_client = student_client
         self.student_generation_client = student_generation_client
-        self.teacher_topk_scorer = teacher_topk_scorer
-        self.teacher_clients = teacher_clients
+        self.student_scorer = student_scorer
+        self.teacher_scorers = teacher_scorers
+        self.teacher_topk = teacher_topk
         self.buffer = buffer
         self.sample_filter = sample_filter
         self.prompt_fn = prompt_fn
@@ -168,7 +155,7 @@ class AsyncRolloutManager:
         self.header_ids = list(header_ids)
         self.samples_per_prompt = samples_per_prompt
         self.sampling_params = dict(sampling_params)
-        self.wave_size = wave_size
+        self.max_wave_prompts = max_wave_prompts
         self.max_waves_in_flight = max_waves_in_flight
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
@@ -180,6 +167,9 @@ class AsyncRolloutManager:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        # Cleared by pause(): no new wave starts until resume().
+        self._running = threading.Event()
+        self._running.set()
         self.error: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -192,6 +182,7 @@ class AsyncRolloutManager:
         """Stop generating; in-flight prompts are abandoned (they are re-issued after a resume)."""
         self._stopping = True
         self.buffer.close()
+        self._running.set()  # a paused generator would wait in its thread forever
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
@@ -199,6 +190,20 @@ class AsyncRolloutManager:
                 pass
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+
+    def pause(self) -> None:
+        """Start no new wave and return once the waves in flight are done (or the manager has
+        ended). The trainer pauses generation while it validates, so that no sample is made on
+        the clock of the validation."""
+        self._running.clear()
+        while self._thread is not None and self._thread.is_alive():
+            with self._lock:
+                if not self._in_flight_positions:
+                    return
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        self._running.set()
 
     def _thread_main(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -219,17 +224,26 @@ class AsyncRolloutManager:
             logger.error("verl-npd: the rollout manager failed: %r", error)
         self.buffer.close(error)
 
+    def wave_prompts(self) -> int:
+        """Prompts in the next wave: enough to fill a training batch after the filter (at the
+        fraction it has kept so far), at most ``max_wave_prompts``. One wave per batch keeps
+        waves full: a small remainder wave costs several times more per sample."""
+        samples = self.buffer.batch_size / self.buffer.keep_fraction()
+        return max(1, min(math.ceil(samples / self.samples_per_prompt - 1e-9), self.max_wave_prompts))
+
     async def _generate_forever(self) -> None:
         waves = asyncio.Semaphore(self.max_waves_in_flight)
-        wanted = self.wave_size * self.samples_per_prompt
         while not self._stopping:
             await waves.acquire()
+            wanted = min(self.wave_prompts() * self.samples_per_prompt, self.buffer.capacity)
             try:
                 # Fewer than a full wave when only that many would still be fresh for the trainer.
                 version, granted = await asyncio.to_thread(self.buffer.acquire, wanted, None, self.samples_per_prompt)
             except BaseException:
                 waves.release()
                 raise
+            # A pause that came while the buffer was granting holds the wave until resume().
+            await asyncio.to_thread(self._running.wait)
             with self._lock:
                 positions = self.stream.take(granted // self.samples_per_prompt)
                 self._in_flight_positions.update(positions)
@@ -247,9 +261,11 @@ class AsyncRolloutManager:
     async def _run_wave(self, positions: list[int], version: int, reserved: int) -> None:
         start = time.monotonic()
         prompts = [self.prompt_fn(p) for p in positions]
-        generated = await asyncio.gather(
-            *[self._generate_sample(prompt, j, version) for prompt in prompts for j in range(self.samples_per_prompt)]
+        rollouts = await asyncio.gather(
+            *[self._generate(prompt, j, version) for prompt in prompts for j in range(self.samples_per_prompt)]
         )
+        generated_at = time.monotonic()
+        generated, teacher_s = await self._score(rollouts)
         decision = self._filter(generated)
         kept = [
             Sample(uid=uuid.uuid4().hex, version=g.version, payload=g)
@@ -261,12 +277,10 @@ class AsyncRolloutManager:
             self._in_flight_positions.difference_update(positions)
             metrics = dict(decision.metrics)
             metrics["timing/wave"] = time.monotonic() - start
-            for key in ("gen", "teacher"):
-                metrics[f"timing/{key}_per_sample"] = float(np.mean([g.timing[key] for g in generated]))
-            # The wave's teacher scoring, first request to last answer (samples are scored concurrently).
-            metrics["timing/teacher"] = max(g.timing["teacher_end"] for g in generated) - min(
-                g.timing["teacher_start"] for g in generated
-            )
+            # The wave's generation and its teacher scoring, first request to last answer.
+            metrics["timing/gen"] = generated_at - start
+            metrics["timing/teacher"] = teacher_s
+            metrics["npd/wave_prompts"] = float(len(positions))
             metrics["npd/response_length_mean"] = float(np.mean([len(g.response_ids) for g in generated]))
             metrics["npd/spans_sync_fraction"] = float(np.mean([g.spans_sync for g in generated]))
             self._metrics.append(metrics)
@@ -285,72 +299,85 @@ class AsyncRolloutManager:
         resume gets the same response from the same weights."""
         return int(np.random.SeedSequence([self.seed, position, sample_index]).generate_state(1)[0] & 0x7FFFFFFF)
 
-    async def _generate_sample(self, prompt: PromptItem, sample_index: int, version: int) -> GeneratedSample:
-        t0 = time.monotonic()
-        output = await self._request(
-            self.student_generation_client,
-            prompt.prompt_ids,
-            dict(self.sampling_params, logprobs=True, seed=self.sampling_seed(prompt.position, sample_index)),
-            f"rollout request for prompt #{prompt.position}",
-        )
-        response_ids = list(output.token_ids)
-        served_version = output.extra_fields.get("min_global_steps")
-        t1 = time.monotonic()
-        sequence = prompt.prompt_ids + response_ids
-        teacher_client = self._teacher_client(prompt.routing_key)
-        unconditional = self.header_ids + response_ids
-        (topk_ids, topk_log_probs), teacher_full, teacher_uncond, behaviour_uncond = await asyncio.gather(
-            call_with_retries(
-                lambda: self.teacher_topk_scorer.compute_teacher_logprobs_single(
-                    sequence, routing_key=prompt.routing_key
-                ),
-                f"teacher top-k scoring of prompt #{prompt.position}",
-                self.request_timeout_s,
-                self.max_retries,
+    async def _generate(self, prompt: PromptItem, sample_index: int, version: int) -> Rollout:
+        params = dict(self.sampling_params, logprobs=True, seed=self.sampling_seed(prompt.position, sample_index))
+        output = await call_with_retries(
+            lambda: self.student_generation_client.generate(
+                uuid.uuid4().hex, prompt_ids=prompt.prompt_ids, sampling_params=dict(params)
             ),
-            self._prefill(teacher_client, sequence, "teacher", prompt.position),
-            self._prefill(teacher_client, unconditional, "teacher", prompt.position),
-            self._prefill(self.student_client, unconditional, "rollout", prompt.position),
+            f"rollout request for prompt #{prompt.position}",
+            self.request_timeout_s,
+            self.max_retries,
         )
-        t2 = time.monotonic()
-        n_prompt, n_header = len(prompt.prompt_ids), len(self.header_ids)
-        return GeneratedSample(
+        served_version = output.extra_fields.get("min_global_steps")
+        return Rollout(
             prompt=prompt,
-            response_ids=response_ids,
-            rollout_log_probs=[float(x) for x in (output.log_probs or [])],
+            response_ids=list(output.token_ids),
+            log_probs=[float(x) for x in (output.log_probs or [])],
             # The version the server reports having generated with (a sync may land between the
             # reservation and the request); backends that report none fall back to the reservation's.
             version=version if served_version is None else int(served_version),
             spans_sync=served_version is not None and output.extra_fields.get("max_global_steps") != served_version,
-            teacher_topk_ids=topk_ids,
-            teacher_topk_log_probs=topk_log_probs,
-            teacher_cond=teacher_full[n_prompt - 1 :],
-            teacher_uncond=teacher_uncond[n_header - 1 :],
-            behaviour_uncond=behaviour_uncond[n_header - 1 :],
-            timing={"gen": t1 - t0, "teacher": t2 - t1, "teacher_start": t1, "teacher_end": t2},
         )
 
-    def _teacher_client(self, routing_key: str | None):
-        if len(self.teacher_clients) == 1:
-            return next(iter(self.teacher_clients.values()))
-        return self.teacher_clients[routing_key]
+    async def _score(self, rollouts: list[Rollout]) -> tuple[list[GeneratedSample], float]:
+        """Score a wave: the teacher's prefill of every prompt+response (top-k and actual tokens) and
+        the unconditional prefills of teacher and student, all concurrently. Returns the samples and
+        the teacher's share of the time (its slowest call)."""
+        unconditional = [self.header_ids + r.response_ids for r in rollouts]
+        by_teacher: dict[str, list[int]] = {}
+        for i, r in enumerate(rollouts):
+            by_teacher.setdefault(self._teacher_key(r.prompt.routing_key), []).append(i)
 
-    async def _request(self, client, prompt_ids: list[int], sampling_params: dict, what: str):
-        return await call_with_retries(
-            lambda: client.generate(uuid.uuid4().hex, prompt_ids=prompt_ids, sampling_params=dict(sampling_params)),
-            what,
-            self.request_timeout_s,
-            self.max_retries,
+        async def teacher_scores(key: str, indices: list[int]):
+            started = time.monotonic()
+            scorer = self.teacher_scorers[key]
+            cond, uncond = await asyncio.gather(
+                scorer.score(
+                    [rollouts[i].prompt.prompt_ids + rollouts[i].response_ids for i in indices], self.teacher_topk
+                ),
+                scorer.score([unconditional[i] for i in indices], 0),
+            )
+            return cond, uncond, time.monotonic() - started
+
+        behaviour_uncond, *per_teacher = await asyncio.gather(
+            self.student_scorer.score(unconditional, 0),
+            *[teacher_scores(key, indices) for key, indices in by_teacher.items()],
         )
+        cond: list = [None] * len(rollouts)
+        teacher_uncond: list = [None] * len(rollouts)
+        for indices, (key_cond, key_uncond, _) in zip(by_teacher.values(), per_teacher, strict=True):
+            for i, c, u in zip(indices, key_cond, key_uncond, strict=True):
+                cond[i], teacher_uncond[i] = c, u
+        n_header = len(self.header_ids)
+        samples = []
+        for r, c, u, b in zip(rollouts, cond, teacher_uncond, behaviour_uncond, strict=True):
+            n_prompt = len(r.prompt.prompt_ids)
+            samples.append(
+                GeneratedSample(
+                    prompt=r.prompt,
+                    response_ids=r.response_ids,
+                    rollout_log_probs=r.log_probs,
+                    version=r.version,
+                    spans_sync=r.spans_sync,
+                    teacher_topk_ids=c.topk_ids,
+                    teacher_topk_log_probs=c.topk_log_probs,
+                    teacher_cond=c.token_log_probs[n_prompt - 1 :],
+                    teacher_uncond=u.token_log_probs[n_header - 1 :],
+                    behaviour_uncond=b.token_log_probs[n_header - 1 :],
+                )
+            )
+        return samples, max(seconds for _, _, seconds in per_teacher)
 
-    async def _prefill(self, client, ids: list[int], who: str, position: int) -> list[float]:
-        params = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0, "detokenize": False}
-        while True:
-            output = await self._request(client, ids, params, f"{who} prefill for prompt #{position}")
-            # A weight sync to standalone replicas aborts what they are running; the prefill is
-            # sent again and waits at the server until the sync is done.
-            if output.stop_reason not in ("aborted", "abort"):
-                return _actual_token_logprobs(output.extra_fields)
+    def _teacher_key(self, routing_key: str | None) -> str:
+        if len(self.teacher_scorers) == 1:
+            return next(iter(self.teacher_scorers))
+        if routing_key not in self.teacher_scorers:
+            raise ValueError(
+                f"no teacher for routing key {routing_key!r} (distillation.teacher_key); "
+                f"teachers: {sorted(self.teacher_scorers)}"
+            )
+        return routing_key
 
     # ---- what the trainer reads ----------------------------------------------------------------
 

@@ -9,8 +9,10 @@ every sample is exactly on-policy training.
 Two policies bound staleness to ``max_staleness``:
 - ``wait``: the generator may only start samples whose projected staleness (given everything
   queued or in flight ahead of them) stays within the bound, and it is granted only as many as
-  that allows; otherwise it waits for a weight sync. Nothing is dropped for staleness with one
-  sample per prompt; with ``n`` per prompt, at most ``n - 1`` per sync (see ``acquire``).
+  that allows; otherwise it waits for a weight sync. In-flight samples count with the fraction the
+  filter is expected to keep (the fraction kept so far), so that a wave can be large enough to fill
+  a batch after filtering. A sample is dropped for staleness only when a wave keeps more than
+  expected, or with ``n`` samples per prompt (up to ``n - 1`` per sync, see ``acquire``).
 - ``drop``: the generator runs ahead as far as capacity allows; samples that are too stale when
   the trainer reaches them are dropped and counted.
 
@@ -25,6 +27,7 @@ ends as a stored sample, a filtered one or a released one.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -98,6 +101,9 @@ class NearPolicyBuffer:
     max_staleness: int
     batch_size: int
     stale_policy: StalePolicy = "wait"
+    # The fraction of generated samples the filter is expected to keep, until a batch's worth of
+    # samples has shown the real one.
+    expected_keep_fraction: float = 1.0
     counters: BufferCounters = field(default_factory=BufferCounters)
 
     def __post_init__(self) -> None:
@@ -107,6 +113,8 @@ class NearPolicyBuffer:
             )
         if self.stale_policy not in ("wait", "drop"):
             raise ValueError(f"npd.buffer.stale_policy must be 'wait' or 'drop', got {self.stale_policy!r}")
+        if not 0.0 < self.expected_keep_fraction <= 1.0:
+            raise ValueError(f"the expected keep fraction must be in (0, 1], got {self.expected_keep_fraction}")
         self._queue: deque[Sample] = deque()
         self._in_flight = 0
         self._rollout_version = 0
@@ -129,17 +137,46 @@ class NearPolicyBuffer:
             self._rollout_version = version
             self._cond.notify_all()
 
+    def keep_fraction(self) -> float:
+        """The fraction of generated samples the filter keeps: measured once a batch's worth of
+        samples has been generated, the configured expectation before."""
+        c = self.counters
+        if c.generated < self.batch_size:
+            return self.expected_keep_fraction
+        return max(c.generated - c.filtered, 1) / c.generated
+
     def _room(self) -> tuple[int, int]:
         """How many more samples may be reserved now: under ``capacity`` (queued plus in flight),
         and under ``wait`` those still fresh enough when the trainer reaches them (unbounded for
         ``drop``). A sample at queue position ``p`` (counting what a waiting trainer already
-        holds) is consumed with weights of version ``next_consume + p // batch_size``."""
-        ahead = len(self._queue) + self._in_flight
-        capacity_room = self.capacity - ahead
+        holds) is consumed with weights of version ``next_consume + p // batch_size``; a sample
+        in flight takes a position only if the filter keeps it."""
+        capacity_room = self.capacity - len(self._queue) - self._in_flight
         if self.stale_policy == "drop":
             return capacity_room, capacity_room
-        fresh_positions = (self._rollout_version + self.max_staleness - self._next_consume_version + 1) * self.batch_size
-        return capacity_room, fresh_positions - ahead - self._taking
+        keep = self.keep_fraction()
+        fresh_positions = (
+            self._rollout_version + self.max_staleness - self._next_consume_version + 1
+        ) * self.batch_size
+        fresh_kept = fresh_positions - len(self._queue) - self._taking - self._in_flight * keep
+        return capacity_room, math.floor(fresh_kept / keep + 1e-9)
+
+    def _next_batch_covered(self) -> bool:
+        """Whether what is queued, held by a waiting trainer or in flight (at the keep fraction)
+        fills the trainer's next batch."""
+        coming = len(self._queue) + self._taking + self._in_flight * self.keep_fraction()
+        return coming >= self.batch_size - 1e-9
+
+    def _may_reserve(self, n: int, unit: int) -> bool:
+        capacity_room, fresh_room = self._room()
+        if capacity_room < unit or fresh_room <= 0:
+            return False
+        if self.stale_policy == "drop":
+            return True
+        # Under wait, a wave smaller than asked for (a remainder before the next sync) is started
+        # only when the trainer's next batch needs it; otherwise the generator waits for room
+        # for a whole one, since a small wave costs several times more per sample.
+        return min(capacity_room, fresh_room) >= n or not self._next_batch_covered()
 
     def acquire(self, n: int, timeout: float | None = None, unit: int = 1) -> tuple[int, int]:
         """Reserve room for up to ``n`` samples about to be generated, in multiples of ``unit`` (the
@@ -148,7 +185,8 @@ class NearPolicyBuffer:
         Blocks while the buffer is full (backpressure) or, under ``wait``, while no sample would
         still be fresh when the trainer reaches it. Granting fewer than ``n`` is what keeps ``wait``
         from generating samples that go stale: the filter keeps only part of every wave, so the
-        last wave before a sync must be just as large as the trainer still needs. One ``unit`` is
+        last wave before a sync must be just as large as the trainer still needs; such a smaller
+        wave starts only when the trainer's next batch is not covered otherwise. One ``unit`` is
         granted even where fewer samples would be fresh (otherwise the trainer, short of those few,
         and the generator could wait for each other); with ``unit`` > 1 up to ``unit - 1`` of its
         samples may then be dropped as stale.
@@ -162,14 +200,14 @@ class NearPolicyBuffer:
             waited = False
             while True:
                 self._raise_if_closed()
-                capacity_room, fresh_room = self._room()
-                if capacity_room >= unit and fresh_room > 0:
+                if self._may_reserve(n, unit):
                     break
                 waited = True
                 remaining = None if timeout is None else timeout - (time.monotonic() - start)
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no room for {unit} samples after {timeout:.1f}s")
                 self._cond.wait(remaining)
+            capacity_room, fresh_room = self._room()
             granted = min(n, capacity_room, max(unit, fresh_room)) // unit * unit
             self._in_flight += granted
             self.counters.reserved += granted
@@ -281,9 +319,7 @@ class NearPolicyBuffer:
             self._queue.extend(samples)
             self.counters = BufferCounters(**state["counters"])
             # In-flight reservations at checkpoint time were never stored: they are re-generated.
-            lost_in_flight = self.counters.reserved - (
-                self.counters.generated + self.counters.released
-            )
+            lost_in_flight = self.counters.reserved - (self.counters.generated + self.counters.released)
             self.counters.reserved -= lost_in_flight
             self._rollout_version = state["rollout_version"]
             self._next_consume_version = state["next_consume_version"]

@@ -157,6 +157,11 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     prompt_topk_ids: list[list[int]] | None = None
     prompt_topk_logprobs: list[list[float]] | None = None
+    # log p(prompt token t+1 | tokens <= t) for every t, then one zero pad entry (S entries): what
+    # vLLM's prompt_logprobs also returns beside the top-k, so one prefill gives both.
+    prompt_token_logprobs: list[float] | None = None
+    # The rank of each prompt token t+1 among all tokens (1 = most likely), as vLLM reports it.
+    prompt_token_ranks: list[int] | None = None
     finish_reason: str | None = None
     """``"stop"`` (eos or stop token), ``"length"`` (max_tokens) or ``"abort"``."""
     abort_requested: bool = False
@@ -217,6 +222,19 @@ class _RunningBatch:
                     layer.keys = layer.keys[..., lead:, :]
                     layer.values = layer.values[..., lead:, :]
                 self.attention_mask = self.attention_mask[:, lead:]
+
+
+def eos_token_ids(tokenizer, generation_config) -> set[int]:
+    """The tokenizer's eos plus the generation config's, which is what vLLM stops on (either may be None)."""
+    eos: set[int] = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    generation_eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        eos.add(generation_eos)
+    elif generation_eos:
+        eos.update(int(token) for token in generation_eos)
+    return eos
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -460,14 +478,17 @@ class BatchedEngine:
         """Fill verl's vLLM layout: entry t scores prompt token t+1, then one zero pad entry (S entries)."""
         logprobs = logits.log_softmax(dim=-1)
         k = seq.spec.prompt_logprobs
+        actual_ids = torch.tensor(seq.prompt_ids[1:], dtype=torch.long).unsqueeze(1)
+        actual = logprobs.gather(1, actual_ids)
         if k == 0:
-            ids = torch.tensor(seq.prompt_ids[1:], dtype=torch.long).unsqueeze(1)
-            values = logprobs.gather(1, ids)
+            ids, values = actual_ids, actual
         else:
             values, ids = logprobs.topk(k, dim=-1, sorted=True)
         width = max(k, 1)
         seq.prompt_topk_ids = ids.tolist() + [[0] * width]
         seq.prompt_topk_logprobs = values.tolist() + [[0.0] * width]
+        seq.prompt_token_logprobs = actual.squeeze(1).tolist() + [0.0]
+        seq.prompt_token_ranks = ((logprobs > actual).sum(dim=-1) + 1).tolist()
 
     @staticmethod
     def _merge(old: _RunningBatch, new: _RunningBatch) -> _RunningBatch:

@@ -20,7 +20,8 @@ Pieces, mirroring verl's vLLM backend:
 
 Optional settings live under ``rollout.engine_kwargs.npd_cpu`` (e.g.
 ``+actor_rollout_ref.rollout.engine_kwargs.npd_cpu.num_threads=2``): ``num_threads``, the torch
-threads of the server process (default: the node's cores divided among the replicas that share it).
+threads of the server process (default: ``VERL_NPD_CPU_THREADS``, see
+:mod:`verl_npd.platform.cpu_threads`; without it, the node's cores divided among the replicas).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
+import uuid
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -66,6 +68,9 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 from verl.workers.config import HFModelConfig, RolloutConfig  # noqa: E402
 from verl.workers.rollout.base import BaseRollout  # noqa: E402
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput  # noqa: E402
+
+from verl_npd.platform.cpu_threads import configured_threads  # noqa: E402
+from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS, scoring_params  # noqa: E402
 
 if TYPE_CHECKING:
     from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
@@ -133,10 +138,14 @@ class CPURolloutServer:
                 f"unknown rollout.engine_kwargs.{ROLLOUT_NAME} keys {sorted(unknown)}; known: {sorted(_ENGINE_KWARGS)}"
             )
         self._num_threads = int(
-            engine_kwargs.get("num_threads") or max(1, len(os.sched_getaffinity(0)) // max(1, replicas_per_node))
+            engine_kwargs.get("num_threads")
+            or configured_threads()
+            or max(1, len(os.sched_getaffinity(0)) // max(1, replicas_per_node))
         )
         self._validate_lengths()
 
+        # Calls received, by method: what NPD's scoring costs in requests (get_engine_stats).
+        self._calls: Counter[str] = Counter()
         self._engine: Optional[BatchedEngine] = None
         self._engine_task: Optional[asyncio.Task] = None
         self._waiting: deque[Sequence] = deque()
@@ -182,7 +191,7 @@ class CPURolloutServer:
 
         from transformers import AutoModelForCausalLM
 
-        from verl_npd.rollout.cpu_engine import BatchedEngine
+        from verl_npd.rollout.cpu_engine import BatchedEngine, eos_token_ids
 
         torch.set_num_threads(self._num_threads)
         if self.config.full_determinism:
@@ -206,7 +215,7 @@ class CPURolloutServer:
 
         return BatchedEngine(
             model,
-            eos_token_ids=self._eos_token_ids(),
+            eos_token_ids=eos_token_ids(self.model_config.tokenizer, self.model_config.generation_config),
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             # vLLM's default when verl leaves it unset.
@@ -214,19 +223,6 @@ class CPURolloutServer:
             seed=self.replica_rank + self.config.seed,
             num_valid_tokens=len(self.model_config.tokenizer) if self.model_config.tokenizer is not None else None,
         )
-
-    def _eos_token_ids(self) -> set[int]:
-        """The tokenizer's eos plus the generation config's, which is what vLLM stops on."""
-        eos: set[int] = set()
-        tokenizer = self.model_config.tokenizer
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        generation_eos = getattr(self.model_config.generation_config, "eos_token_id", None)
-        if isinstance(generation_eos, int):
-            eos.add(generation_eos)
-        elif generation_eos:
-            eos.update(int(token) for token in generation_eos)
-        return eos
 
     def _on_engine_loop_exit(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -249,12 +245,16 @@ class CPURolloutServer:
 
         ``priority`` is accepted and ignored: requests are served first come, first served.
         """
+        self._calls["generate"] += 1
+        if image_data or video_data or audio_data or mm_processor_kwargs:
+            raise NotImplementedError("npd_cpu rollout serves text-only models")
+        return await self._generate(prompt_ids, sampling_params, request_id)
+
+    async def _generate(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str) -> TokenOutput:
         from verl.utils import normalize_token_ids
 
         from verl_npd.rollout.cpu_engine import Sequence
 
-        if image_data or video_data or audio_data or mm_processor_kwargs:
-            raise NotImplementedError("npd_cpu rollout serves text-only models")
         if self._engine is None:
             raise RuntimeError("npd_cpu server: launch_server() was not called")
         if request_id in self._requests:
@@ -281,6 +281,16 @@ class CPURolloutServer:
                 self._finish(seq)
             raise
         return self._token_output(seq)
+
+    async def score_prompts(self, prompts: list[list[int]], num_logprobs: int) -> list[Optional[dict[str, Any]]]:
+        """Prefill every prompt in one call (NPD's scoring, :mod:`verl_npd.rollout.scoring`): the
+        ``extra_fields`` that ``generate`` would return for each with ``prompt_logprobs=num_logprobs``,
+        or None for one aborted by a weight sync. The engine prefills them together."""
+        self._calls["score_prompts"] += 1
+        outputs = await asyncio.gather(
+            *[self._generate(prompt, scoring_params(num_logprobs), uuid.uuid4().hex) for prompt in prompts]
+        )
+        return [None if out.stop_reason == "aborted" else out.extra_fields for out in outputs]
 
     def _sampling_spec(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> SamplingSpec:
         """Resolve the request's limits and defaults exactly as ``vLLMHttpServer.generate`` does."""
@@ -322,6 +332,8 @@ class CPURolloutServer:
         if seq.prompt_topk_ids is not None:
             extra_fields["prompt_ids"] = seq.prompt_topk_ids
             extra_fields["prompt_logprobs"] = seq.prompt_topk_logprobs
+            extra_fields[PROMPT_TOKEN_LOGPROBS] = seq.prompt_token_logprobs
+            extra_fields[PROMPT_TOKEN_RANKS] = seq.prompt_token_ranks
         return TokenOutput(
             token_ids=seq.output_ids,
             log_probs=seq.output_logprobs if seq.spec.logprobs else None,
@@ -484,6 +496,8 @@ class CPURolloutServer:
             "decode_sequence_steps": stats.decode_sequence_steps,
             "max_batch_size": stats.max_batch_size,
             "forward_passes": stats.forward_passes,
+            "generate_calls": self._calls["generate"],
+            "score_prompts_calls": self._calls["score_prompts"],
         }
 
 

@@ -33,7 +33,7 @@ def save_samples(path: str, samples: list[Sample]) -> None:
                     "extra": g.prompt.extra,
                 },
                 "generated_version": g.version,
-                "timing": g.timing,
+                "spans_sync": g.spans_sync,
                 **{name: getattr(g, name) for name in _LIST_FIELDS},
             }
         )
@@ -53,7 +53,7 @@ def load_samples(path: str) -> list[Sample]:
         generated = GeneratedSample(
             prompt=PromptItem(**r["prompt"]),
             version=r["generated_version"],
-            timing=r["timing"],
+            spans_sync=r["spans_sync"],
             **{name: r[name] for name in _LIST_FIELDS},
             **{name: tensors[f"{i}.{name}"] for name in _TENSOR_FIELDS},
         )

@@ -34,10 +34,10 @@ class BufferConfig:
         metadata={"help": "Samples queued or being generated at most; a full buffer pauses generation."},
     )
     max_staleness: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "Most policy versions a trained-on sample may lag the weights it is trained with. "
-            "0 with sync_interval=1 is exactly on-policy."
+            "0 with sync_interval=1 is exactly on-policy; >= sync_interval lets generation run across syncs."
         },
     )
     stale_policy: str = field(
@@ -75,8 +75,12 @@ class GenerationConfig:
     """``npd.generation``: the asynchronous generator."""
 
     max_concurrent_prompts: int = field(
-        default=64,
-        metadata={"help": "Prompts in flight at once (generation + teacher scoring); bounded by the buffer too."},
+        default=128,
+        metadata={
+            "help": "Prompts in flight at once (generation + teacher scoring), in waves of a batch's worth of "
+            "prompts plus those the filter is expected to drop (one wave when it is at most a batch); "
+            "bounded by the buffer too."
+        },
     )
     request_timeout_s: float = field(
         default=300.0, metadata={"help": "Seconds before a rollout or teacher request is retried."}
@@ -92,6 +96,45 @@ class GenerationConfig:
             raise ValueError(f"npd.generation.request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.max_retries < 0:
             raise ValueError(f"npd.generation.max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class TeacherConfig:
+    """``npd.teacher``: a teacher served elsewhere (vLLM's OpenAI-compatible API) instead of verl's
+    teacher replicas. ``distillation.teacher_models`` still names the one teacher: its loss settings,
+    and its ``model_path`` for the tokenizer that preflight compares with the student's."""
+
+    url: str | None = field(
+        default=None,
+        metadata={
+            "help": "API base of the served teacher, e.g. http://host:8000/v1; null: teacher replicas in this "
+            "job. With a URL no GPU (or logical GPU) is reserved for the teacher."
+        },
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "The served model's name (vLLM's --served-model-name); null: the server's only one."}
+    )
+    api_key_env: str | None = field(
+        default=None, metadata={"help": "Name of an environment variable holding the API key; null: no key."}
+    )
+    max_concurrency: int = field(
+        default=64, metadata={"help": "Scoring requests in flight to the served teacher at once."}
+    )
+    max_wait_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "How long a scoring request is retried (with backoff) while the served teacher is unreachable, "
+            "restarting or overloaded, before the run fails."
+        },
+    )
+
+    def __post_init__(self):
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"npd.teacher.url must start with http:// or https://, got {self.url!r}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"npd.teacher.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_wait_s <= 0:
+            raise ValueError(f"npd.teacher.max_wait_s must be > 0, got {self.max_wait_s}")
 
 
 @dataclass
@@ -113,7 +156,7 @@ class PackingConfig:
 
 @dataclass
 class NPDConfig:
-    """``npd``: Near-Policy Distillation settings (see NPD_SPEC.md)."""
+    """``npd``: Near-Policy Distillation settings (see docs/algorithm.md)."""
 
     sync_interval: int = field(
         default=2, metadata={"help": "Optimizer steps between weight syncs to the rollout engine (K)."}
@@ -121,6 +164,13 @@ class NPDConfig:
     total_steps: int = field(default=30, metadata={"help": "Optimizer steps to train."})
     output_dir: str = field(
         default="outputs/npd", metadata={"help": "Where summary.json, the metrics history and plots are written."}
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Print everything (Ray's and verl's output, every metric) to the console; by default it goes "
+            "to run.log in output_dir and the console shows a progress bar, validations and the summary."
+        },
     )
     shutdown_timeout_s: float = field(
         default=600.0,
@@ -131,6 +181,7 @@ class NPDConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     filter: DeltaIFDFilterConfig = field(default_factory=DeltaIFDFilterConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -154,5 +205,6 @@ class NPDConfig:
             "generation": _from_mapping(GenerationConfig, values.pop("generation", None), "npd.generation"),
             "filter": DeltaIFDFilterConfig.from_mapping(values.pop("filter", None) or {}),
             "packing": _from_mapping(PackingConfig, values.pop("packing", None), "npd.packing"),
+            "teacher": _from_mapping(TeacherConfig, values.pop("teacher", None), "npd.teacher"),
         }
         return _from_mapping(cls, {**values, **nested}, "npd")

@@ -23,11 +23,14 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from verl_npd.platform.cpu_threads import share_cores
+from verl_npd.trainer.console import LOG_NAME, LiveProgress, output_to_log
 from verl_npd.trainer.preflight import PreflightError, preflight
+from verl_npd.trainer.student_export import ask_for_hf_weights
 from verl_npd.trainer.summary import format_summary
 
 
-@ray.remote(max_concurrency=2)  # a second thread takes request_stop() while run() trains
+@ray.remote(max_concurrency=3)  # other threads take request_stop() and progress() while run() trains
 class NPDTaskRunner:
     """Builds verl's workers and the near-policy trainer inside Ray, like verl's ``TaskRunner``."""
 
@@ -39,6 +42,10 @@ class NPDTaskRunner:
         self.stop_requested.set()
         if self.trainer is not None:
             self.trainer.request_stop()
+
+    def progress(self) -> dict:
+        """The trainer's latest figures for the console (empty until it trains)."""
+        return {} if self.trainer is None else dict(self.trainer.progress)
 
     def run(self, config: DictConfig) -> dict:
         from verl.trainer.main_ppo_v0 import BaseTaskRunner
@@ -95,8 +102,11 @@ class GracefulStop:
     after ``ray.init``, which is where the runner's handle is kept and the handlers installed.
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, console=None):
         self.timeout_s = timeout_s
+        # Where messages for the user go (the real console while the run's output goes to its log).
+        self.console = console or sys.stderr
+        self.progress: LiveProgress | None = None
         self.runner = None
         self.signum: int | None = None
         self._signalled = threading.Event()
@@ -107,11 +117,14 @@ class GracefulStop:
             signal.signal(signum, self._on_signal)
         # Ray calls are made from this thread, never from inside the signal handler.
         threading.Thread(target=self._forward_stop, name="npd-graceful-stop", daemon=True).start()
+        if self.console is not sys.stderr:
+            self.progress = LiveProgress(self.runner, self.console)
+            self.progress.start()
         return self.runner
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:
-            print(f"verl-npd: second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            print(f"verl-npd: second {signal.Signals(signum).name}: exiting now", file=self.console, flush=True)
             os._exit(128 + signum)
         self.signum = signum
         self._signalled.set()
@@ -122,33 +135,58 @@ class GracefulStop:
         print(
             f"verl-npd: {name}: finishing the current step and writing a checkpoint "
             f"(up to {self.timeout_s:.0f}s; send it again to exit at once)",
-            file=sys.stderr,
+            file=self.console,
             flush=True,
         )
         self.runner.request_stop.remote()
         threading.Timer(self.timeout_s, self._give_up).start()
 
     def _give_up(self) -> None:
-        print(f"verl-npd: no checkpoint after {self.timeout_s:.0f}s: exiting", file=sys.stderr, flush=True)
+        print(f"verl-npd: no checkpoint after {self.timeout_s:.0f}s: exiting", file=self.console, flush=True)
         os._exit(128 + self.signum)
 
 
 def run_npd(config: DictConfig) -> dict:
     """Check the config, run the trainer in Ray, print and return the summary."""
     from verl.trainer.main_ppo import run_ppo
-    from verl.utils.device import auto_set_device
+    from verl.utils.device import auto_set_device, get_device_name
 
     auto_set_device(config)
     preflight(config)
+    ask_for_hf_weights(config)
+    if get_device_name() == "cpu":
+        try:
+            share_cores(config)
+        except ValueError as e:
+            raise PreflightError(str(e)) from e
     output_dir = os.path.abspath(config.npd.output_dir)
     # verl's tensorboard backend writes to $TENSORBOARD_DIR (default ./tensorboard_log); keep a run's
     # event files with the rest of its outputs. Ray workers inherit the driver's environment.
     os.environ.setdefault("TENSORBOARD_DIR", os.path.join(output_dir, "tensorboard"))
-    graceful = GracefulStop(timeout_s=config.npd.shutdown_timeout_s)
-    run_ppo(config, task_runner_class=graceful)
+    if config.npd.get("verbose", False):
+        graceful = GracefulStop(timeout_s=config.npd.shutdown_timeout_s)
+        run_ppo(config, task_runner_class=graceful)
+        log_path = None
+    else:
+        log_path = os.path.join(output_dir, LOG_NAME)
+        print(f"verl-npd: training; Ray's and verl's output goes to {log_path} (npd.verbose=true shows it here)")
+        with output_to_log(log_path) as console:
+            graceful = GracefulStop(timeout_s=config.npd.shutdown_timeout_s, console=console)
+            try:
+                run_ppo(config, task_runner_class=graceful)
+            except ray.exceptions.RayTaskError as failure:
+                # The worker's traceback, in the log (stderr points there now) and on the console.
+                print(str(failure), file=sys.stderr)
+                print(str(failure), file=console)
+                raise
+            finally:
+                if graceful.progress is not None:
+                    graceful.progress.stop()
+                # Ray's shutdown lines go to the log, not after the summary.
+                ray.shutdown()
     with open(os.path.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
-    print(format_summary(summary, output_dir))
+    print(format_summary(summary, output_dir, log_path))
     if graceful.signum is not None:
         name = signal.Signals(graceful.signum).name
         print(f"verl-npd: stopped by {name} after step {summary['last_checkpoint_step']}; checkpoint saved, "

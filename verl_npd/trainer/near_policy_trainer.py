@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -42,10 +43,13 @@ from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
 from verl_npd.platform.verl_patches import MICRO_BATCH_KEY
 from verl_npd.losses.packing import pack_for_ranks, packing_efficiency, rank_major_order
 from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
+from verl_npd.rollout.cpu_server import ROLLOUT_NAME as CPU_ROLLOUT_NAME
+from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig, PackingConfig
-from verl_npd.trainer.summary import RunSummary, write_text_atomically
+from verl_npd.trainer.student_export import has_hf_weights, publish_student
+from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
 
 logger = logging.getLogger("verl_npd")
 
@@ -55,6 +59,12 @@ class NearPolicyTrainer(RayPPOTrainer):
     def __init__(self, *args, npd_config: NPDConfig, stop_requested: threading.Event | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.npd = npd_config
+        if self.npd.teacher.url is not None:
+            # A served teacher: verl builds no teacher replicas (ray_trainer.py:926 reads
+            # use_teacher_policy) and reserves no teacher pool, which main_ppo_v0.py:94 adds whenever
+            # distillation is enabled (the actor's loss needs it enabled).
+            self.use_teacher_policy = False
+            self.resource_pool_manager.resource_pool_spec.pop("teacher_pool", None)
         self.stop_requested = stop_requested or threading.Event()
         self._last_saved_step = 0
         rollout = self.config.actor_rollout_ref.rollout
@@ -64,6 +74,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             max_staleness=self.npd.buffer.max_staleness,
             batch_size=self.samples_per_step,
             stale_policy=self.npd.buffer.stale_policy,
+            expected_keep_fraction=self._expected_keep_fraction(),
         )
         self.stream = PromptStream(
             dataset_size=len(self.train_dataset),
@@ -71,6 +82,9 @@ class NearPolicyTrainer(RayPPOTrainer):
             shuffle=self.config.data.get("shuffle", True),
         )
         self.output_dir = os.path.abspath(self.npd.output_dir)
+        # The latest figures for the console's progress bar (main_npd's LiveProgress reads them);
+        # empty until the workers are up and training begins.
+        self.progress: dict[str, Any] = {}
         self.rollout_manager: AsyncRolloutManager | None = None
         # verl's own switch for a rollout pool of its own (rollout.yaml: "Number of nodes for
         # standalone rollout server"), as in its separate_async trainer.
@@ -127,39 +141,80 @@ class NearPolicyTrainer(RayPPOTrainer):
             extra={"data_source": str(row.get("data_source"))},
         )
 
-    def _build_rollout_manager(self) -> AsyncRolloutManager:
-        from verl.experimental.teacher_loop.teacher_manager import AsyncTeacherLLMServerManager
+    def _expected_keep_fraction(self) -> float:
+        """What the Δ-IFD filter is expected to keep before it has kept anything: the width of a
+        quantile band, all otherwise (the buffer measures the real fraction as samples come)."""
+        band = self.npd.filter
+        if band.enabled and band.band == "quantile":
+            return max(band.hi - band.lo, 0.05)
+        return 1.0
 
+    def _build_rollout_manager(self) -> AsyncRolloutManager:
         rollout = self.config.actor_rollout_ref.rollout
-        teacher_clients = self.teacher_model_manager.get_client()
-        sample_filter = get_sample_filter("delta_ifd")(self.npd.filter)
-        prompts_in_flight = self.npd.generation.max_concurrent_prompts
-        wave_size = min(self.config.data.train_batch_size, prompts_in_flight)
+        generation = self.npd.generation
+        def pool(handles, name: str, engine: str) -> ServerPool:
+            return ServerPool(
+                handles,
+                name=name,
+                batched=engine == CPU_ROLLOUT_NAME,
+                timeout_s=generation.request_timeout_s,
+                max_retries=generation.max_retries,
+            )
+
+        student_servers = self.standalone_server_manager if self.standalone_rollout else self.llm_server_manager
+        student_pool = pool(student_servers.server_handles, "rollout", rollout.name)
         if self.standalone_rollout:
+            # A weight sync aborts what standalone replicas generate; verl's client resumes it.
             from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
 
-            student_client = self.standalone_server_manager.get_client()
-            student_generation_client = self.standalone_server_manager.get_client(client_cls=FullyAsyncLLMServerClient)
+            student_generation_client = student_servers.get_client(client_cls=FullyAsyncLLMServerClient)
         else:
-            student_client = student_generation_client = self.llm_server_manager.get_client()
+            student_generation_client = student_pool
+        prompts_per_batch = self.config.data.train_batch_size
         return AsyncRolloutManager(
-            student_client=student_client,
             student_generation_client=student_generation_client,
-            teacher_topk_scorer=AsyncTeacherLLMServerManager(self.config, teacher_clients),
-            teacher_clients=teacher_clients,
+            student_scorer=student_pool,
+            teacher_scorers=self._teacher_scorers(pool),
+            teacher_topk=self.config.distillation.distillation_loss.topk,
             buffer=self.buffer,
-            sample_filter=sample_filter,
+            sample_filter=get_sample_filter("delta_ifd")(self.npd.filter),
             prompt_fn=self._prompt_item,
             stream=self.stream,
             header_ids=TokenizerInfo.from_tokenizer(self.tokenizer).header_ids,
             samples_per_prompt=rollout.n,
             sampling_params={"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k},
-            wave_size=wave_size,
-            max_waves_in_flight=max(1, prompts_in_flight // wave_size),
-            request_timeout_s=self.npd.generation.request_timeout_s,
-            max_retries=self.npd.generation.max_retries,
+            max_wave_prompts=generation.max_concurrent_prompts,
+            max_waves_in_flight=max(1, generation.max_concurrent_prompts // prompts_per_batch),
+            request_timeout_s=generation.request_timeout_s,
+            max_retries=generation.max_retries,
             seed=self.stream.seed,
         )
+
+    def _teacher_scorers(self, pool) -> dict:
+        """Each teacher's scorer: its verl replicas, or the teacher served at ``npd.teacher.url``."""
+        served = self.npd.teacher
+        if served.url is not None:
+            from verl.utils.config import omega_conf_to_dataclass
+
+            from verl_npd.rollout.remote_teacher import HTTPTeacher, teacher_api_key
+
+            # The routing key, as verl's teacher manager keys its replicas.
+            (key,) = omega_conf_to_dataclass(self.config.distillation).teacher_models
+            return {
+                key: HTTPTeacher(
+                    served.url,
+                    model=served.model,
+                    api_key=teacher_api_key(served.api_key_env),
+                    max_concurrency=served.max_concurrency,
+                    timeout_s=self.npd.generation.request_timeout_s,
+                    max_wait_s=served.max_wait_s,
+                )
+            }
+        teachers = self.teacher_model_manager.distillation_config.teacher_models
+        return {
+            key: pool(handles, f"teacher {key!r}", teachers[key].inference.name)
+            for key, handles in self.teacher_model_manager.server_handles.items()
+        }
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -181,9 +236,11 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         self._sync_weights(self.global_steps)
 
+        self.progress = {"step": self.global_steps, "total": self.npd.total_steps, "validations": []}
         if self.config.trainer.get("val_before_train", True) and not self.stop_requested.is_set():
             val_metrics = self._validate_student()
             summary.record_validation(self.global_steps, val_metrics, initial=True)
+            self._show_validation(self.global_steps, val_metrics)
             tracker.log(data=val_metrics, step=self.global_steps)
 
         self.rollout_manager = self._build_rollout_manager()
@@ -214,15 +271,27 @@ class NearPolicyTrainer(RayPPOTrainer):
                 metrics.update(self.rollout_manager.drain_metrics())
                 test_freq = self.config.trainer.test_freq
                 if test_freq > 0 and (step % test_freq == 0 or step == total):
+                    # Generation pauses for it: validation measures the run and must not hide work.
+                    self.rollout_manager.pause()
+                    validation_start = time.perf_counter()
                     val_metrics = self._validate_student()
+                    metrics["timing/validation"] = time.perf_counter() - validation_start
+                    self.rollout_manager.resume()
                     metrics.update(val_metrics)
                     summary.record_validation(step, val_metrics)
+                    self._show_validation(step, val_metrics)
                 save_freq = self.config.trainer.save_freq
                 if save_freq > 0 and (step % save_freq == 0 or step == total):
                     self._save_checkpoint()
                 summary.record_step(step, metrics)
                 tracker.log(data=metrics, step=step)
                 progress.update(1)
+                self.progress.update(
+                    step=step,
+                    staleness=metrics.get("npd/staleness_max"),
+                    kept=metrics.get("npd/kept_fraction", self.progress.get("kept")),
+                    tokens_per_s=metrics.get("perf/train_tokens_per_s"),
+                )
         except BaseException as failure:
             progress.close()
             self.rollout_manager.stop()
@@ -237,9 +306,15 @@ class NearPolicyTrainer(RayPPOTrainer):
             buffer_counters=self.buffer.counters.as_dict(),
             interrupted=self.stop_requested.is_set() and self.global_steps < total,
             last_checkpoint_step=self._last_saved_step,
+            student_dir=self._export_student(),
         )
         tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
         return result
+
+    def _show_validation(self, step: int, val_metrics: dict[str, float]) -> None:
+        accuracy = validation_accuracy(val_metrics)
+        self.progress["accuracy"] = accuracy
+        self.progress["validations"] = [*self.progress["validations"], (step, accuracy)]
 
     def request_stop(self) -> None:
         """Finish the step in progress (or abandon a wait for samples), checkpoint and return.
@@ -354,6 +429,20 @@ class NearPolicyTrainer(RayPPOTrainer):
             str(self.global_steps),
         )
         self._last_saved_step = self.global_steps
+
+    def _export_student(self) -> str:
+        """The student as it is now, as a Hugging Face model in ``<output_dir>/student``: from the
+        checkpoint of this step when there is one, else from a checkpoint written for the export
+        alone, outside ``default_local_dir`` (a checkpoint there would make the next run resume)."""
+        hf_dir = os.path.join(self._step_dir(self.global_steps), "actor", "huggingface")
+        if self._last_saved_step == self.global_steps and has_hf_weights(hf_dir):
+            return publish_student(hf_dir, self.output_dir)
+        scratch = os.path.join(self.output_dir, "student-checkpoint")
+        self.actor_rollout_wg.save_checkpoint(scratch, None, self.global_steps, max_ckpt_to_keep=None)
+        try:
+            return publish_student(os.path.join(scratch, "huggingface"), self.output_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _load_checkpoint(self):
         from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path

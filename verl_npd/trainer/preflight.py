@@ -3,8 +3,11 @@ one line naming the field, file or row, instead of failing deep inside a worker 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
+import traceback
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +28,11 @@ def preflight(config: DictConfig) -> None:
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
 
+    if served_teacher_url(config) and len(config.distillation.teacher_models) != 1:
+        raise PreflightError(
+            f"npd.teacher.url serves one teacher, but distillation.teacher_models has "
+            f"{len(config.distillation.teacher_models)} ({sorted(config.distillation.teacher_models)})"
+        )
     student_path = check_model_path("actor_rollout_ref.model.path", config.actor_rollout_ref.model.path)
     teacher_paths = {
         f"distillation.teacher_models.{key}.model_path": check_model_path(
@@ -32,6 +40,7 @@ def preflight(config: DictConfig) -> None:
         )
         for key, teacher in config.distillation.teacher_models.items()
     }
+    check_verl_config(config)
     trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
     student_tokenizer = load_tokenizer(student_path, "student", trust)
     for field_name, teacher_path in teacher_paths.items():
@@ -42,7 +51,25 @@ def preflight(config: DictConfig) -> None:
         paths = check_data_files(field_name, config.data[field_name.split(".")[1]], prompt_key)
         check_prompt_lengths(field_name, paths, prompt_key, student_tokenizer, config.data)
     check_standalone_rollout(config.actor_rollout_ref.rollout)
+    check_behaviour_log_probs(config.actor_rollout_ref.rollout)
     check_resources(config)
+
+
+def check_behaviour_log_probs(rollout: DictConfig) -> None:
+    """The student's IFD divides the sampler's log-probs of its response (s_B(y|x)) by a prefill of
+    the raw model (s_B(y), always at temperature 1). Both describe the same distribution only when
+    the sampler reports raw log-probs or samples the raw distribution itself."""
+    if rollout.get("logprobs_mode", "processed_logprobs") == "raw_logprobs":
+        return
+    top_k = rollout.get("top_k", -1)
+    raw_sampling = rollout.temperature == 1.0 and rollout.get("top_p", 1.0) == 1.0 and top_k in (-1, 0, None)
+    if not raw_sampling:
+        raise PreflightError(
+            f"actor_rollout_ref.rollout.temperature={rollout.temperature} (top_p={rollout.get('top_p', 1.0)}, "
+            f"top_k={top_k}) with logprobs_mode={rollout.get('logprobs_mode')}: the sampler would report log-probs "
+            "of the reshaped distribution, which the Δ-IFD filter divides by a raw prefill; set "
+            "actor_rollout_ref.rollout.logprobs_mode=raw_logprobs or sample at temperature 1 without top-k/top-p"
+        )
 
 
 def check_standalone_rollout(rollout: DictConfig) -> None:
@@ -71,8 +98,18 @@ def load_tokenizer(path: str, which: str, trust_remote_code: bool):
         raise PreflightError(f"cannot load the {which} tokenizer from {path!r}: {e}") from None
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# What a Hugging Face model directory needs, each as the files that can provide it.
+MODEL_PARTS = {
+    "config": ("config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"),
+    "weights": ("model.safetensors", "pytorch_model.bin", *WEIGHT_INDEXES),
+}
+
+
 def check_model_path(field_name: str, path: str | None) -> str:
-    """A local model directory must exist and hold a config; a hub id (org/name) is left to verl."""
+    """A local model directory must exist and hold a config, a tokenizer and readable weights; a hub
+    id (org/name) is left to verl."""
     if not path:
         raise PreflightError(f"{field_name} is not set")
     expanded = os.path.expanduser(str(path))
@@ -81,9 +118,130 @@ def check_model_path(field_name: str, path: str | None) -> str:
         return str(path)
     if not os.path.isdir(expanded):
         raise PreflightError(f"{field_name}: model directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(expanded, "config.json")):
-        raise PreflightError(f"{field_name}: {path!r} has no config.json, so it is not a Hugging Face model directory")
+    missing = [
+        f"no {part} ({' or '.join(names)})"
+        for part, names in MODEL_PARTS.items()
+        if not any(os.path.isfile(os.path.join(expanded, name)) for name in names)
+    ]
+    if missing:
+        raise PreflightError(f"{field_name}: model directory {path!r} has {' and '.join(missing)}")
+    try:
+        with open(os.path.join(expanded, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{field_name}: cannot read {os.path.join(str(path), 'config.json')!r}: {e}") from None
+    problem = weights_problem(expanded)
+    if problem:
+        raise PreflightError(f"{field_name}: model directory {path!r}: {problem}")
     return expanded
+
+
+def weights_problem(model_dir: str) -> str | None:
+    """What is wrong with the weights: an index's missing shards, or a safetensors file whose header
+    is unreadable or does not cover the file (truncated). Reads file headers only."""
+    index_name = next((name for name in WEIGHT_INDEXES if os.path.isfile(os.path.join(model_dir, name))), None)
+    if index_name is None:
+        return safetensors_problem(model_dir, "model.safetensors")
+    try:
+        with open(os.path.join(model_dir, index_name)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        return f"cannot read the shard list of {index_name}: {e!r}"
+    absent = [shard for shard in shards if not os.path.isfile(os.path.join(model_dir, shard))]
+    if absent:
+        return f"{index_name} lists {len(shards)} shards, {len(absent)} missing: {', '.join(absent)}"
+    return next(filter(None, (safetensors_problem(model_dir, shard) for shard in shards)), None)
+
+
+def safetensors_problem(model_dir: str, name: str) -> str | None:
+    """Why ``name`` (if it is a safetensors file in ``model_dir``) cannot be read, else None."""
+    if not name.endswith(".safetensors") or not os.path.isfile(os.path.join(model_dir, name)):
+        return None
+    from safetensors import safe_open
+
+    try:
+        # safe_open parses the header and checks that its tensors exactly cover the file.
+        with safe_open(os.path.join(model_dir, name), framework="np"):
+            return None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its name
+        return f"{name} is not a readable safetensors file (truncated or corrupt?): {e}"
+
+
+# The config sections that verl turns into its config dataclasses during an NPD run, where their
+# ``__post_init__`` checks run inside Ray: the model (our task runner, engine_workers.py:540),
+# actor (engine_workers.py:593), rollout and its checkpoint engine (engine_workers.py:651, :679)
+# and distillation (ray_trainer.py:934).
+VERL_CONFIG_SECTIONS = (
+    "actor_rollout_ref.model",
+    "actor_rollout_ref.actor",
+    "actor_rollout_ref.rollout",
+    "distillation",
+)
+
+
+def check_verl_config(config: DictConfig) -> None:
+    """Build verl's config dataclasses from the composed config as verl will, so that a value verl
+    rejects fails here, named by its full key, rather than in a worker after Ray has started.
+
+    Importing verl loads our plugin first, so our loss modes, engines and patches are in place."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    for key in VERL_CONFIG_SECTIONS:
+        section = OmegaConf.select(config, key)
+        try:
+            omega_conf_to_dataclass(section)
+        except Exception as error:  # noqa: BLE001 - whatever verl raises is reported with the key
+            raise PreflightError(describe_verl_config_error(*deepest_failure(key, section, error))) from None
+
+
+def deepest_failure(key: str, section: DictConfig, error: Exception) -> tuple[str, DictConfig, Exception]:
+    """``section`` (at ``key``) failed to build with ``error``; find the deepest section under it that
+    fails on its own (building a section builds its sub-sections first)."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    for child_key, child in target_sections(section, key):
+        try:
+            omega_conf_to_dataclass(child)
+        except Exception as child_error:  # noqa: BLE001
+            return deepest_failure(child_key, child, child_error)
+    return key, section, error
+
+
+def target_sections(node: DictConfig, key: str):
+    """The nearest sections below ``node`` that name a dataclass (``_target_``), with their keys."""
+    for name, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig):
+            if "_target_" in child:
+                yield f"{key}.{name}", child
+            else:
+                yield from target_sections(child, f"{key}.{name}")
+
+
+def describe_verl_config_error(key: str, section: DictConfig, error: Exception) -> str:
+    """One line: the full key of the field the error names (else of the section), and verl's reason."""
+    from hydra.errors import InstantiationException
+
+    cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+    reason = " ".join(str(cause).split())
+    if not reason:  # a bare ``assert``: its source line says what was checked
+        reason = f"{type(cause).__name__}: {traceback.extract_tb(cause.__traceback__)[-1].line}"
+    field = first_named_field(section, reason)
+    where = f"{key}.{field}" if field else key
+    return f"{where}: {reason} (verl's {section._target_.rsplit('.', 1)[-1]})"
+
+
+def first_named_field(section: DictConfig, text: str) -> str | None:
+    """The field of ``section`` that ``text`` mentions first, spelled as its name or as words
+    (``loss_mode`` or "loss mode"); the longest name wins a tie."""
+    found = []
+    for name in section.keys():
+        if str(name).startswith("_"):
+            continue
+        for spelling in {str(name), str(name).replace("_", " ")}:
+            match = re.search(rf"(?<!\w){re.escape(spelling)}(?!\w)", text, re.IGNORECASE)
+            if match:
+                found.append((match.start(), -len(str(name)), str(name)))
+    return min(found)[2] if found else None
 
 
 def check_same_vocabulary(student, teacher, field_name: str) -> None:
@@ -162,6 +320,11 @@ def check_prompt_lengths(field_name: str, paths: list[str], prompt_key: str, tok
             print(f"verl-npd: {what}; they are truncated (data.truncation={data.truncation})", file=sys.stderr)
 
 
+def served_teacher_url(config: DictConfig) -> str | None:
+    """``npd.teacher.url``: the teacher is served outside the job and takes none of its resources."""
+    return config.get("npd", {}).get("teacher", {}).get("url")
+
+
 def plan_resources(config: DictConfig) -> dict[str, int]:
     """The GPUs (logical ones on CPU) of each pool verl will ask Ray for, after checking that verl
     can split every pool and batch the way it will try to. Pure arithmetic on the config: it
@@ -171,7 +334,8 @@ def plan_resources(config: DictConfig) -> dict[str, int]:
       of ``ulysses_sequence_parallel_size``; verl hands each data-parallel rank an equal chunk of
       every batch, so the samples per step must divide evenly;
     - teacher: ``distillation.n_gpus_per_node * distillation.nnodes``, split into replicas by
-      verl's own ``DistillationConfig`` (its checks run here);
+      verl's own ``DistillationConfig`` (its checks run here); none for a teacher served at
+      ``npd.teacher.url``;
     - standalone rollout (``rollout.nnodes > 0``): ``rollout.n_gpus_per_node * rollout.nnodes``,
       one replica per ``tensor_model_parallel_size`` GPUs; a colocated rollout splits the trainer
       pool the same way.
@@ -183,7 +347,7 @@ def plan_resources(config: DictConfig) -> dict[str, int]:
     pools = {
         "trainer": trainer_gpus,
         "teacher": config.distillation.n_gpus_per_node * config.distillation.nnodes
-        if config.distillation.enabled
+        if config.distillation.enabled and not served_teacher_url(config)
         else 0,
         "standalone rollout": rollout.n_gpus_per_node * max(rollout.nnodes, 0),
     }
@@ -228,7 +392,8 @@ def plan_resources(config: DictConfig) -> dict[str, int]:
 
 
 def check_resources(config: DictConfig) -> None:
-    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker.
+    """verl asks Ray for one GPU (logical on CPU) per trainer, teacher and standalone rollout worker
+    (none for a teacher served at ``npd.teacher.url``).
 
     Joining a running cluster (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``), the cluster's
     own resources count; they are checked when verl places its pools (``apply_resource_fail_fast``).

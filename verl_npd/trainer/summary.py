@@ -1,5 +1,6 @@
 """The end-of-run summary: what a user reads first. The same numbers go to the console (a table),
-``summary.json``, ``metrics.jsonl`` (one line per step) and ``accuracy.png``."""
+``summary.json``, ``metrics.jsonl`` (one line per step) and ``accuracy.png``; both the table and
+``summary.json`` name the student's Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -55,7 +56,12 @@ class RunSummary:
         self._metrics_file.flush()
 
     def finish(
-        self, steps_run: int, buffer_counters: dict[str, float], interrupted: bool, last_checkpoint_step: int
+        self,
+        steps_run: int,
+        buffer_counters: dict[str, float],
+        interrupted: bool,
+        last_checkpoint_step: int,
+        student_dir: str,
     ) -> dict[str, Any]:
         self._metrics_file.close()
         wall = self.elapsed()
@@ -70,6 +76,7 @@ class RunSummary:
             "steps": steps_run,
             "interrupted": interrupted,
             "last_checkpoint_step": last_checkpoint_step,
+            "student_dir": student_dir,
             "wall_time_s": wall,
             "trainer_tokens_per_s": tokens / train_s if train_s else None,
             "trainer_wait_share": wait_s / wall if wall else None,
@@ -126,7 +133,7 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def format_summary(result: dict[str, Any], output_dir: str) -> str:
+def format_summary(result: dict[str, Any], output_dir: str, log_path: str | None = None) -> str:
     rows = [
         ("student accuracy before", _pct(result.get("student_accuracy_before"))),
         ("student accuracy after", _pct(result.get("student_accuracy_after"))),
@@ -142,7 +149,11 @@ def format_summary(result: dict[str, Any], output_dir: str) -> str:
     width = max(len(name) for name, _ in rows)
     lines = ["", "=" * (width + 14), "NPD run summary", "-" * (width + 14)]
     lines += [f"{name:<{width}}  {value:>10}" for name, value in rows]
-    lines += ["-" * (width + 14), f"written to {output_dir}/summary.json", ""]
+    lines += ["-" * (width + 14), f"student model (Hugging Face): {result['student_dir']}"]
+    lines.append(f"written to {output_dir}/summary.json (metrics.jsonl, accuracy.png)")
+    if log_path is not None:
+        lines.append(f"full log (Ray, verl, every metric) in {log_path}")
+    lines.append("")
     return "\n".join(lines)
 
 

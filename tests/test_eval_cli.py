@@ -1,0 +1,125 @@
+"""``python -m verl_npd.eval`` and the student's export, without Ray: bad input, answers against
+transformers' own greedy ``generate`` one prompt at a time, and the exported directory as
+transformers loads it. (End to end, on a trained student: tests/test_main_npd.py.)"""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from verl_npd.eval import main as eval_main
+from verl_npd.eval import row_accuracy
+from verl_npd.toy.reward import compute_score
+from verl_npd.toy.task import score as toy_score
+from verl_npd.trainer.student_export import publish_student
+
+ROWS = 24
+
+
+@pytest.fixture(scope="module")
+def val_slice(toy_world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "val.parquet"
+    pq.write_table(pq.read_table(toy_world.val_parquet).slice(0, ROWS), path)
+    return path
+
+
+def run_eval(args, capsys) -> tuple[int, str, str]:
+    code = eval_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_answers_and_scores_match_transformers_greedy_generate(toy_world, val_slice, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "results.jsonl"
+    args = ["--model", toy_world.student_dir, "--data", val_slice, "--max-new-tokens", 40, "--out", out]
+    code, stdout, _ = run_eval([*args, "--batch-size", 8], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+
+    # The reference: one prompt at a time (no padding, no batching), transformers' greedy search.
+    tokenizer = AutoTokenizer.from_pretrained(toy_world.student_dir)
+    model = AutoModelForCausalLM.from_pretrained(toy_world.student_dir, dtype=torch.float32).eval()
+    right = 0
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=False)
+        generated = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        response = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+        assert row["response"] == response
+        score = toy_score(response, row["reward_model"]["ground_truth"])
+        assert row["score"] == row["acc"] == score
+        right += score
+    summary = json.loads(stdout)
+    assert summary["rows"] == ROWS and summary["accuracy"] == right / ROWS
+    assert json.loads((tmp_path / "results.jsonl.summary.json").read_text()) == summary
+
+
+def test_the_recipes_data_sources_are_scored_by_verl():
+    assert row_accuracy(compute_score("openai/gsm8k", "so the answer is #### 42", "42")) == 1.0
+    assert row_accuracy(compute_score("openai/gsm8k", "#### 41", "42")) == 0.0
+    assert row_accuracy(compute_score("DigitalLearningGmbH/MATH-lighteval", r"so \boxed{\frac{1}{2}}", r"\frac12")) == 1.0
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_model", "model directory not found"),
+        ("no_prompt_column", "no column 'prompt'"),
+        ("empty", "the dataset is empty"),
+        ("unknown_data_source", "data_source 'nowhere'"),
+    ],
+)
+def test_bad_input_exits_2_with_a_one_line_error(case, expected, toy_world, val_slice, tmp_path, capsys):
+    model, data = toy_world.student_dir, val_slice
+    table = pq.read_table(val_slice)
+    if case == "no_model":
+        model = tmp_path / "missing"
+    elif case == "no_prompt_column":
+        data = tmp_path / "data.parquet"
+        pq.write_table(table.drop_columns(["prompt"]), data)
+    elif case == "empty":
+        data = tmp_path / "data.parquet"
+        pq.write_table(table.slice(0, 0), data)
+    else:
+        data = tmp_path / "data.parquet"
+        sources = pa.array(["nowhere"] * table.num_rows, pa.large_string())
+        pq.write_table(table.set_column(table.column_names.index("data_source"), "data_source", sources), data)
+    code, stdout, stderr = run_eval(["--model", model, "--data", data, "--out", tmp_path / "r.jsonl"], capsys)
+    assert code == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and expected in stderr, stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_the_published_student_loads_as_the_weights_verl_wrote(toy_world, tmp_path):
+    """verl writes fp32 tensors under a config.json that says bfloat16 (its hf_model save); the
+    published copy loads as the tensors themselves, and replaces an earlier student whole."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = tmp_path / "huggingface"
+    shutil.copytree(toy_world.student_dir, hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    (tmp_path / "out" / "student").mkdir(parents=True)
+    (tmp_path / "out" / "student" / "stale.txt").write_text("from an earlier run")
+
+    student = publish_student(str(hf_dir), str(tmp_path / "out"))
+
+    assert student == str(tmp_path / "out" / "student")
+    assert not (tmp_path / "out" / "student" / "stale.txt").exists()
+    model = AutoModelForCausalLM.from_pretrained(student)
+    written = load_file(str(hf_dir / "model.safetensors"))
+    loaded = model.state_dict()
+    for name, tensor in written.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert AutoTokenizer.from_pretrained(student).chat_template
+
+
+def test_publishing_a_checkpoint_without_hf_weights_names_the_directory(tmp_path):
+    (tmp_path / "huggingface").mkdir()
+    with pytest.raises(FileNotFoundError, match="saved without hf_model"):
+        publish_student(str(tmp_path / "huggingface"), str(tmp_path / "out"))

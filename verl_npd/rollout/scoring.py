@@ -1,0 +1,188 @@
+"""Requests straight to the servers: the student's generation, and prefill scoring (the teacher's
+top-k targets with the log-prob of every actual token, the unconditional Δ-IFD prefills) for a
+whole wave at a time.
+
+Why not verl's ``LLMServerClient``: it routes every request through verl's global load balancer
+(an acquire and a release, two more Ray calls per request), which is there for sticky multi-turn
+sessions. NPD's requests are single-turn, so ``ServerPool`` spreads them over the server actors
+itself and calls them directly. Generation is one ``generate`` call per sample. Prefills go:
+
+* ``batched=True`` (``npd_cpu``): one ``score_prompts`` call per server carries its whole share of
+  the wave, and the server prefills it as one batch;
+* ``batched=False`` (vLLM, SGLang): one ``generate`` call per sequence with ``prompt_logprobs``,
+  sent straight to a server (vLLM batches concurrent requests itself).
+
+Both return the same numbers (tested). One prefill gives the top-k and the actual tokens'
+log-probs, as vLLM's ``prompt_logprobs`` does: a teacher scores each sample once.
+
+A teacher served outside the job (``npd.teacher.url``) scores through
+:class:`verl_npd.rollout.remote_teacher.HTTPTeacher`, which has the same ``score``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("verl_npd")
+
+# The key under which servers return log p(actual token) next to the top-k in ``extra_fields``
+# (``npd_cpu`` always; verl's vLLM server once ``verl_npd.rollout.vllm_prompt_logprobs`` adds it).
+PROMPT_TOKEN_LOGPROBS = "prompt_token_logprobs"
+# ... and the rank of each actual token among all tokens (``npd_cpu``; what ``verl_npd.serve`` reports
+# as vLLM's ``rank``).
+PROMPT_TOKEN_RANKS = "prompt_token_ranks"
+
+_ABORTED = ("aborted", "abort")
+
+
+class RequestFailed(RuntimeError):
+    """A rollout or teacher request failed or timed out after every retry."""
+
+
+async def call_with_retries(make_call: Callable, what: str, timeout_s: float, max_retries: int):
+    """Run ``make_call()`` with a timeout, retrying a bounded number of times; never hangs."""
+    last_error: BaseException | None = None
+    for attempt in range(max_retries + 1):
+        try:
+            return await asyncio.wait_for(make_call(), timeout=timeout_s)
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            last_error = e
+            logger.warning(
+                "verl-npd: %s timed out after %.0fs (attempt %d/%d)", what, timeout_s, attempt + 1, max_retries + 1
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            last_error = e
+            logger.warning("verl-npd: %s failed (attempt %d/%d): %r", what, attempt + 1, max_retries + 1, e)
+    raise RequestFailed(f"{what} failed after {max_retries + 1} attempts: {last_error!r}") from last_error
+
+
+def scoring_params(num_logprobs: int) -> dict[str, Any]:
+    """A prefill request: the prompt's log-probs (top ``num_logprobs``; 0 = the actual token only)."""
+    return {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": num_logprobs, "detokenize": False}
+
+
+@dataclass
+class PromptScores:
+    """The prefill of one sequence of S tokens, in verl's vLLM layout: entry t scores token t+1, and
+    the last of the S entries is padding."""
+
+    topk_ids: torch.Tensor  # [S, max(k, 1)] int32
+    topk_log_probs: torch.Tensor  # [S, max(k, 1)] float32
+    token_log_probs: list[float]  # S - 1 entries: log p(token t+1 | tokens <= t)
+
+    @classmethod
+    def from_extra_fields(cls, extra_fields: dict[str, Any], num_tokens: int) -> PromptScores:
+        ids = torch.tensor(extra_fields["prompt_ids"], dtype=torch.int32)
+        log_probs = torch.tensor(extra_fields["prompt_logprobs"], dtype=torch.float32)
+        token_log_probs = extra_fields.get(PROMPT_TOKEN_LOGPROBS)
+        if token_log_probs is None:
+            raise RuntimeError(
+                f"the server returned no {PROMPT_TOKEN_LOGPROBS!r} next to its prompt log-probs; NPD needs a "
+                "backend that reports the actual tokens' log-probs (npd_cpu, or verl's vLLM server with "
+                "verl-npd's patch)"
+            )
+        if not ids.shape[0] == log_probs.shape[0] == len(token_log_probs) == num_tokens:
+            raise RuntimeError(
+                f"prompt log-probs of {ids.shape[0]}/{log_probs.shape[0]}/{len(token_log_probs)} entries for a "
+                f"sequence of {num_tokens} tokens"
+            )
+        return cls(topk_ids=ids, topk_log_probs=log_probs, token_log_probs=[float(x) for x in token_log_probs[:-1]])
+
+
+class ServerPool:
+    """Prefill scoring on a fixed set of server actors, without a load balancer (module docstring).
+
+    Args:
+        handles: the servers' Ray actor handles (one per replica).
+        name: what the servers are, for error messages ("teacher", "rollout").
+        batched: the servers have ``score_prompts`` (``npd_cpu``); otherwise ``generate`` is used.
+        timeout_s, max_retries: per call, as for every other request.
+    """
+
+    def __init__(self, handles: Sequence, name: str, batched: bool, timeout_s: float, max_retries: int):
+        if not handles:
+            raise ValueError(f"no {name} servers to score on")
+        self.handles = list(handles)
+        self.name = name
+        self.batched = batched
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.calls = 0
+        self._next = 0
+
+    async def score(self, sequences: Sequence[Sequence[int]], num_logprobs: int) -> list[PromptScores]:
+        """Prefill every sequence; its scores, in order. Sequences aborted by a weight sync to
+        standalone replicas are sent again (they wait at the server until the sync is done)."""
+        results: list[PromptScores | None] = [None] * len(sequences)
+        pending = list(range(len(sequences)))
+        while pending:
+            shares = self._spread(pending)
+            answers = await asyncio.gather(
+                *[self._score_share(handle, [sequences[i] for i in share], num_logprobs) for handle, share in shares]
+            )
+            for (_, share), answer in zip(shares, answers, strict=True):
+                for i, scores in zip(share, answer, strict=True):
+                    results[i] = scores
+            pending = [i for i in pending if results[i] is None]
+        return results
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any]):
+        """One generation request, as verl's ``LLMServerClient.generate`` makes it, on the next server;
+        the weight version that served it is reported the way verl's client reports it."""
+        handle = self.handles[self._next]
+        self._next = (self._next + 1) % len(self.handles)
+        self.calls += 1
+        output = await handle.generate.remote(
+            prompt_ids=prompt_ids, sampling_params=sampling_params, request_id=request_id
+        )
+        version = output.extra_fields.get("global_steps")
+        output.extra_fields.setdefault("min_global_steps", version)
+        output.extra_fields.setdefault("max_global_steps", version)
+        return output
+
+    def _spread(self, indices: list[int]) -> list[tuple[Any, list[int]]]:
+        """Deal ``indices`` round-robin over the servers, continuing where the last call stopped,
+        so small waves do not all land on the first server."""
+        shares: list[list[int]] = [[] for _ in self.handles]
+        for i in indices:
+            shares[self._next].append(i)
+            self._next = (self._next + 1) % len(self.handles)
+        return [(handle, share) for handle, share in zip(self.handles, shares, strict=True) if share]
+
+    async def _score_share(self, handle, sequences: list[Sequence[int]], num_logprobs: int):
+        what = f"{self.name} scoring of {len(sequences)} sequence(s)"
+        if self.batched:
+            self.calls += 1
+            answers = await call_with_retries(
+                lambda: handle.score_prompts.remote([list(s) for s in sequences], num_logprobs),
+                what,
+                self.timeout_s,
+                self.max_retries,
+            )
+            return [
+                None if a is None else PromptScores.from_extra_fields(a, len(s)) for a, s in zip(answers, sequences)
+            ]
+        return await asyncio.gather(*[self._score_one(handle, s, num_logprobs, what) for s in sequences])
+
+    async def _score_one(self, handle, sequence: Sequence[int], num_logprobs: int, what: str) -> PromptScores | None:
+        self.calls += 1
+        output = await call_with_retries(
+            lambda: handle.generate.remote(
+                prompt_ids=list(sequence), sampling_params=scoring_params(num_logprobs), request_id=uuid.uuid4().hex
+            ),
+            what,
+            self.timeout_s,
+            self.max_retries,
+        )
+        if output.stop_reason in _ABORTED:
+            return None
+        return PromptScores.from_extra_fields(output.extra_fields, len(sequence))
