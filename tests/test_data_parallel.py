@@ -1,6 +1,8 @@
 """Data-parallel NPD: the batch the trainer sends reaches every rank as exactly the bins packed for it,
-and one update on 2 FSDP ranks equals the update on 1 rank and a plain-torch reference."""
+and one update on 2 FSDP ranks equals the update on 1 rank and a plain-torch reference; the same
+holds for verl's own OPD update with the baseline's config, so the two compare at equal width."""
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -9,7 +11,7 @@ import torch
 
 from verl_npd.rollout.async_manager import GeneratedSample, PromptItem
 from verl_npd.trainer.config import PackingConfig
-from verl_npd.trainer.near_policy_trainer import train_packed
+from verl_npd.trainer.near_policy_trainer import collate_samples, train_packed
 
 TOPK = 8
 
@@ -95,18 +97,27 @@ LR = 0.5
 BUDGET = 96
 
 
-def actor_config(student_dir: str):
-    """The NPD default config's actor, with plain SGD (no clipping): the weights after one step are
-    then w - lr * gradient, which a reference can compute directly. (Adam's first step is about
+@pytest.fixture(scope="module")
+def ray_session():
+    """One Ray session for the module's FSDP tests (3 logical GPUs: a 1-rank and a 2-rank group at a
+    time); each test builds and removes its own worker groups."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def actor_config(config_dir: str, config_name: str, student_dir: str, overrides: tuple[str, ...] = ()):
+    """A config's actor, with plain SGD (no clipping): the weights after one step are then
+    w - lr * gradient, which a reference can compute directly. (Adam's first step is about
     lr * sign(gradient), blind to how the loss is scaled.)"""
     import verl  # noqa: F401  (the plugin registers the ${npd_toy:...} resolvers)
     from hydra import compose, initialize_config_dir
 
-    from conftest import REPO
-
-    with initialize_config_dir(config_dir=f"{REPO}/verl_npd/config", version_base=None):
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(
-            config_name="npd_trainer",
+            config_name=config_name,
             overrides=[
                 f"actor_rollout_ref.model.path={student_dir}",
                 "actor_rollout_ref.actor.optim.optimizer=SGD",
@@ -114,19 +125,20 @@ def actor_config(student_dir: str):
                 "actor_rollout_ref.actor.optim.clip_grad=1e9",
                 "actor_rollout_ref.actor.optim.total_training_steps=1",
                 "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
+                *overrides,
             ],
         )
 
 
-def update_on_ranks(config, samples, ranks: int, out_dir) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One ``train_packed`` step on a fresh actor worker group of ``ranks`` FSDP ranks; returns the
-    student's weights after it (from verl's own HF checkpoint) and the step's metrics."""
+@contextlib.contextmanager
+def actor_worker_group(config, ranks: int, name: str):
+    """verl's actor worker group on ``ranks`` fresh FSDP ranks; its workers and placement group are
+    removed afterwards, so that the next group gets the logical GPUs."""
     import ray
-    from safetensors.torch import load_file
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
-    pool = RayResourcePool(process_on_nodes=[ranks], use_gpu=True, max_colocate_count=1, name_prefix=f"dp{ranks}")
+    pool = RayResourcePool(process_on_nodes=[ranks], use_gpu=True, max_colocate_count=1, name_prefix=name)
     worker = RayClassWithInitArgs(
         cls=ray.remote(ActorRolloutRefWorker),
         config=config.actor_rollout_ref,
@@ -134,16 +146,56 @@ def update_on_ranks(config, samples, ranks: int, out_dir) -> tuple[dict[str, tor
         role="actor",
     )
     group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker, device_name="cpu")
-    group.init_model()
-    packed = train_packed(
-        group, samples, data_parallel_size=ranks, pad_id=0,
-        packing=PackingConfig(token_budget=BUDGET), temperature=1.0, seed=0,
-    )
+    try:
+        group.init_model()
+        yield group
+    finally:
+        for actor in group.workers:
+            ray.kill(actor)
+        for placement_group in pool.pgs or []:
+            ray.util.remove_placement_group(placement_group)
+
+
+def saved_weights(group, out_dir) -> dict[str, torch.Tensor]:
+    """The student's weights, from verl's own HF checkpoint."""
+    from safetensors.torch import load_file
+
     group.save_checkpoint(str(out_dir), None, 1)
-    weights = load_file(str(out_dir / "huggingface" / "model.safetensors"))
-    for actor in group.workers:
-        ray.kill(actor)
-    return weights, packed
+    return load_file(str(out_dir / "huggingface" / "model.safetensors"))
+
+
+def update_on_ranks(config, samples, ranks: int, out_dir) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One ``train_packed`` step on a fresh actor worker group of ``ranks`` FSDP ranks; returns the
+    student's weights after it and the step's metrics."""
+    with actor_worker_group(config, ranks, f"npd{ranks}") as group:
+        packed = train_packed(
+            group, samples, data_parallel_size=ranks, pad_id=0,
+            packing=PackingConfig(token_budget=BUDGET), temperature=1.0, seed=0,
+        )
+        return saved_weights(group, out_dir), packed
+
+
+def opd_update_on_ranks(config, samples, ranks: int, out_dir) -> tuple[dict[str, torch.Tensor], dict]:
+    """One update as verl's own trainer makes it in the OPD baseline (``RayPPOTrainer.fit``,
+    verl/trainer/ppo/ray_trainer.py:1549-1553 and 1690): the batch in the agent loop's layout,
+    balanced over the data-parallel ranks (``_balance_batch``, on by default), then ``_update_actor`` (no-padding
+    conversion, mini-batch settings, ``distillation_only``), whose workers micro-batch it with verl's
+    dynamic batch size. verl's trainer methods run on a trainer that has only what they read:
+    config, distillation config, actor worker group."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.utils.config import omega_conf_to_dataclass
+
+    batch = collate_samples(samples, pad_id=0)
+    with actor_worker_group(config, ranks, f"opd{ranks}") as group:
+        trainer = RayPPOTrainer.__new__(RayPPOTrainer)
+        trainer.config = config
+        trainer.distillation_config = omega_conf_to_dataclass(config.distillation)
+        trainer.actor_rollout_wg = group
+        if config.trainer.balance_batch:
+            trainer._balance_batch(batch, metrics={})
+        batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
+        metrics = trainer._update_actor(batch).meta_info["metrics"]
+        return saved_weights(group, out_dir), metrics
 
 
 @dataclass
@@ -187,35 +239,75 @@ def reference_update(student_dir: str, samples, loss_name: str, topk: int) -> Re
     return ReferenceStep(weights=weights, loss=loss.item(), grad_norm=grad_norm.item(), drift=drift / tokens)
 
 
-def test_one_update_is_the_same_on_one_and_two_ranks(toy_world, tmp_path):
-    """The global-token loss normalisation and the per-rank packing together: two FSDP ranks, each
-    training its own packed bins, take the same step as one rank and as the plain-torch reference."""
-    import ray
-    from safetensors.torch import load_file
+def samples_and_reference(config, student_dir: str, seed: int) -> tuple[list[GeneratedSample], ReferenceStep]:
+    """12 synthetic samples and the reference step on them with the config's distillation loss."""
     from transformers import AutoConfig
 
-    config = actor_config(toy_world.student_dir)
-    vocab = AutoConfig.from_pretrained(toy_world.student_dir).vocab_size
-    samples = synthetic_samples(7, 12, vocab=vocab, max_prompt=20, max_response=30)
+    vocab = AutoConfig.from_pretrained(student_dir).vocab_size
+    samples = synthetic_samples(seed, 12, vocab=vocab, max_prompt=20, max_response=30)
     distillation = config.distillation.distillation_loss
-    expected = reference_update(toy_world.student_dir, samples, distillation.loss_mode, distillation.topk)
-    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False)
-    try:
-        one, one_step = update_on_ranks(config, samples, 1, tmp_path / "one")
-        two, two_step = update_on_ranks(config, samples, 2, tmp_path / "two")
-    finally:
-        ray.shutdown()
+    return samples, reference_update(student_dir, samples, distillation.loss_mode, distillation.topk)
 
-    assert [len(bins) for bins in two_step.rank_bins] == [len(two_step.rank_bins[0])] * 2
-    assert len(two_step.rank_bins[0]) >= 2 and len(one_step.rank_bins[0]) >= 3  # micro-batches accumulate
-    initial = load_file(f"{toy_world.student_dir}/model.safetensors")
+
+def assert_weights_equal_reference(student_dir: str, expected: ReferenceStep, *updated: dict[str, torch.Tensor]):
+    from safetensors.torch import load_file
+
+    initial = load_file(f"{student_dir}/model.safetensors")
     # The step moves the weights far more than the tolerance below.
     assert max((w - initial[name]).abs().max().item() for name, w in expected.weights.items()) > 0.1
     for name, reference in expected.weights.items():
-        # A reference run: |difference| <= 1.1e-6 on either rank count.
-        torch.testing.assert_close(one[name], reference, rtol=0, atol=2e-5, msg=name)
-        torch.testing.assert_close(two[name], reference, rtol=0, atol=2e-5, msg=name)
+        for weights in updated:
+            torch.testing.assert_close(weights[name], reference, rtol=0, atol=2e-5, msg=name)
+
+
+def test_one_update_is_the_same_on_one_and_two_ranks(toy_world, ray_session, tmp_path):
+    """The global-token loss normalisation and the per-rank packing together: two FSDP ranks, each
+    training its own packed bins, take the same step as one rank and as the plain-torch reference."""
+    from conftest import REPO
+
+    config = actor_config(f"{REPO}/verl_npd/config", "npd_trainer", toy_world.student_dir)
+    samples, expected = samples_and_reference(config, toy_world.student_dir, seed=7)
+    one, one_step = update_on_ranks(config, samples, 1, tmp_path / "one")
+    two, two_step = update_on_ranks(config, samples, 2, tmp_path / "two")
+
+    assert [len(bins) for bins in two_step.rank_bins] == [len(two_step.rank_bins[0])] * 2
+    assert len(two_step.rank_bins[0]) >= 2 and len(one_step.rank_bins[0]) >= 3  # micro-batches accumulate
+    # A reference run: |difference| <= 1.1e-6 on either rank count.
+    assert_weights_equal_reference(toy_world.student_dir, expected, one, two)
     for step in (one_step, two_step):
         assert step.metrics["actor/loss"] == pytest.approx(expected.loss, rel=1e-5)
         assert step.metrics["actor/grad_norm"] == pytest.approx(expected.grad_norm, rel=1e-5)
         assert step.metrics["npd/drift_kl"] == pytest.approx(expected.drift, rel=1e-5)
+
+
+def test_verl_opd_update_is_the_same_on_one_and_two_ranks(toy_world, ray_session, tmp_path):
+    """verl's OPD baseline at equal width: with the baseline config's actor and distillation loss, verl's
+    own update (dynamic-batch-size micro-batches; ``token-mean``: verl's ``agg_loss`` divides each
+    micro-batch's token sum by the response tokens of the global batch, all-reduced over the ranks,
+    and multiplies it by dp_size against FSDP's gradient mean) takes the same step on 2 ranks as on 1
+    and as the plain-torch reference."""
+    from conftest import REPO
+
+    config = actor_config(
+        f"{REPO}/recipes/toy_cpu/config", "opd_baseline", toy_world.student_dir,
+        (
+            "data.train_batch_size=12",  # ppo_mini_batch_size follows it: the batch is one optimiser step
+            # A smaller token budget than the recipe's 512, so that micro-batches accumulate on each rank.
+            f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={BUDGET}",
+        ),
+    )
+    assert config.actor_rollout_ref.actor.loss_agg_mode == "token-mean"
+    samples, expected = samples_and_reference(config, toy_world.student_dir, seed=8)
+    one, one_metrics = opd_update_on_ranks(config, samples, 1, tmp_path / "one")
+    two, two_metrics = opd_update_on_ranks(config, samples, 2, tmp_path / "two")
+
+    # One student_mass entry per micro-batch, gathered over the ranks: verl's dynamic batch size split
+    # the batch into several micro-batches on each rank, whose gradients accumulate.
+    assert len(one_metrics["actor/distillation/student_mass"]) >= 3
+    assert len(two_metrics["actor/distillation/student_mass"]) >= 4
+    # A reference run: |difference| <= 2.4e-6 on either rank count.
+    assert_weights_equal_reference(toy_world.student_dir, expected, one, two)
+    for metrics in (one_metrics, two_metrics):
+        (loss,), (grad_norm,) = metrics["actor/loss"], metrics["actor/grad_norm"]
+        assert loss == pytest.approx(expected.loss, rel=1e-5)
+        assert grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
