@@ -16,7 +16,8 @@ from tiny_models import EOS_TOKEN, build_tiny_qwen2, build_tiny_tokenizer
 
 from verl.workers.config import CheckpointEngineConfig, RolloutConfig
 from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
-from verl_npd.rollout.cpu_server import CPURolloutReplica, CPUServerAdapter, register
+from verl_npd.rollout.cpu_server import CPURolloutReplica, CPUServerAdapter
+from verl_npd.rollout.cpu_server_registration import register
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [100, 101, 102, 103, 104], [200], [17, 18, 19, 20, 21, 22]]
 

@@ -5,6 +5,7 @@ Every expected number comes from an independent float64 formula written out belo
 (zero at the matching distribution, descent towards the teacher, split invariance).
 """
 
+import json
 import math
 import random
 
@@ -532,3 +533,63 @@ def test_npd_loss_without_logits_processor_outputs_fails_loudly(verl_losses):
     actor, distill = _configs("npd_forward_kl_topk")
     with pytest.raises(RuntimeError, match="logits processor"):
         verl_losses.get_distillation_loss_fn("npd_forward_kl_topk")(actor, distill, {}, td)
+
+
+# verl's own top-k forward KL (the loss of verl's OPD) on a fixed batch, and verl's dynamic-batch
+# micro-batching of it, in a fresh process: the numbers as JSON, and whether the plugin loaded.
+VERL_LOSS_PROBE = """
+import json, sys
+import torch
+sys.path.insert(0, {tests_dir!r})
+import verl.trainer.distillation.losses as verl_losses
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine.utils import prepare_micro_batches
+from test_losses import VOCAB, _configs, _verl_batch
+
+td = _verl_batch(5, [3, 5, 2, 4], [4, 1, 6, 3])
+actor, distill = _configs("forward_kl_topk")
+logits = torch.randn(int(td["input_ids"].offsets()[-1]), VOCAB, generator=torch.Generator().manual_seed(6))
+logits.requires_grad_(True)
+outputs = verl_losses.distillation_ppo_loss(actor, distill, data=td, student_logits=logits.unsqueeze(0))
+offsets = td["input_ids"].offsets()
+model_output = {{k: torch.nested.nested_tensor_from_jagged(v.squeeze(0), offsets) for k, v in outputs.items()}}
+loss, metrics = verl_losses.distillation_ppo_loss(actor, distill, model_output=model_output, data=td)
+loss.backward()
+tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=16)
+_, partitions = prepare_micro_batches(td)
+print(json.dumps({{
+    "plugin": "npd_forward_kl_topk" in verl_losses.DISTILLATION_LOSS_REGISTRY,
+    "per_token": {{k: v.tolist() for k, v in outputs.items()}},
+    "loss": loss.item(),
+    "grad": logits.grad.tolist(),
+    "micro_batches": partitions,
+}}))
+"""
+
+
+def test_verls_own_topk_loss_is_the_same_with_and_without_the_plugin():
+    """Installing verl-npd changes nothing for a verl user who selects no NPD component: verl's own
+    top-k forward KL, its gradient and verl's micro-batching of the batch come out bit-identical in
+    a process where the plugin is loaded and in one where verl skips it
+    (``VERL_USE_EXTERNAL_PLUGINS=none``, verl/__init__.py:55-76)."""
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    probes = {
+        plugins: subprocess.Popen(
+            [sys.executable, "-c", VERL_LOSS_PROBE.format(tests_dir=tests_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "VERL_USE_EXTERNAL_PLUGINS": plugins},
+        )
+        for plugins in ("auto", "none")
+    }
+    results = {}
+    for plugins, probe in probes.items():
+        stdout, stderr = probe.communicate(timeout=300)
+        assert probe.returncode == 0, stderr[-3000:]
+        results[plugins] = json.loads(stdout.strip().splitlines()[-1])
+    assert results["auto"].pop("plugin") is True and results["none"].pop("plugin") is False
+    assert results["auto"]["loss"] > 0 and len(results["auto"]["micro_batches"]) > 1
+    assert results["auto"] == results["none"]

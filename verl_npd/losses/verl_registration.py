@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
+from verl_npd.platform.verl_version import apply_once
 
 logger = logging.getLogger(__name__)
 
@@ -193,14 +194,34 @@ def _drift_sum(model_output: dict, data: Any, response_mask: torch.Tensor) -> to
     return drift.sum() / data["batch_num_tokens"] * data["dp_size"]
 
 
+def _patch_compute_topk_loss() -> None:
+    """Route verl's top-k logits-processor call to :func:`compute_npd_topk_outputs` for the ``npd_*`` modes.
+
+    verl/trainer/distillation/losses.py:123 (``compute_topk_loss``) always computes verl's own
+    forward KL, whatever ``distillation_loss.loss_mode`` names: a registered top-k loss only ever
+    sees verl's numbers. ``distillation_ppo_loss`` (:205) looks ``compute_topk_loss`` up in its
+    module at call time, so replacing the module attribute reroutes the modes in ``LOSS_NAMES`` and
+    leaves every other mode, verl's own included, to verl's function.
+    """
+    import verl.trainer.distillation.losses as verl_losses
+
+    original = verl_losses.compute_topk_loss
+
+    @functools.wraps(original)
+    def compute_topk_loss(config, distillation_config, data, student_logits, data_format):
+        if distillation_config.distillation_loss.loss_mode in LOSS_NAMES:
+            return compute_npd_topk_outputs(config, distillation_config, data, student_logits, data_format)
+        return original(config, distillation_config, data, student_logits, data_format)
+
+    verl_losses.compute_topk_loss = compute_topk_loss
+
+
 def register() -> None:
     """Register every ``npd_*`` loss with verl and install the logits-processor dispatch. Safe to call twice."""
     import verl.trainer.distillation.losses as verl_losses
 
-    from verl_npd.platform.verl_patches import apply_topk_loss_dispatch
-
     env_overrides()  # fail at start-up, not at the first training step, on a malformed VERL_NPD_LOSS
-    apply_topk_loss_dispatch(LOSS_NAMES, compute_npd_topk_outputs)
+    apply_once("topk_loss_dispatch", _patch_compute_topk_loss)
     names = []
     for name in LOSS_NAMES:
         registered = verl_losses.DISTILLATION_LOSS_REGISTRY.get(name)
