@@ -451,13 +451,17 @@ def _configs(loss_mode):
     "loss_name,mode,tail,beta",
     [
         ("npd_forward_kl_topk", "forward_kl_topk", "renorm", 0.5),
-        ("npd_forward_kl_topk_bucket", "forward_kl_topk", "bucket", 0.5),
+        ("npd_forward_kl_topk", "forward_kl_topk", "bucket", 0.5),
         ("npd_reverse_kl_topk", "reverse_kl_topk", "renorm", 0.5),
-        ("npd_jsd_bucket", "jsd", "bucket", 0.5),
+        ("npd_jsd", "jsd", "bucket", 0.8),
         ("npd_ce", "ce", "renorm", 0.5),
     ],
 )
-def test_registered_verl_loss_matches_reference(verl_losses, loss_name, mode, tail, beta):
+def test_registered_verl_loss_matches_reference(verl_losses, monkeypatch, loss_name, mode, tail, beta):
+    from verl_npd.losses import verl_registration
+
+    # The bridge main_npd sets from npd.loss; the workers' loss reads it.
+    monkeypatch.setenv(verl_registration.ENV_VAR, json.dumps({"tail_mode": tail, "beta": beta, "chunk_size": 5}))
     prompt_lens, response_lens = [3, 5, 2], [4, 1, 6]
     td = _verl_batch(0, prompt_lens, response_lens)
     actor, distill = _configs(loss_name)
@@ -518,14 +522,25 @@ def test_verl_builtin_loss_untouched_by_dispatch(verl_losses):
     assert "distillation_losses" in outputs and "npd_distillation_losses" not in outputs
 
 
-def test_env_overrides_reach_the_jsd_beta(verl_losses, monkeypatch):
+def test_loss_settings_bridge(verl_losses, monkeypatch):
     from verl_npd.losses import verl_registration
+    from verl_npd.trainer.config import LossConfig
 
-    monkeypatch.setenv(verl_registration.ENV_VAR, '{"beta": 0.9}')
-    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(loss_mode="jsd", beta=0.9, topk=8)
-    monkeypatch.setenv(verl_registration.ENV_VAR, '{"tail_mode": "bucket"}')  # fixed by the name, not the env
-    with pytest.raises(ValueError, match="VERL_NPD_LOSS"):
-        verl_registration.register()
+    monkeypatch.delenv(verl_registration.ENV_VAR, raising=False)
+    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(loss_mode="jsd", topk=8)
+    settings = LossConfig(tail_mode="bucket", beta=0.9, chunk_size=7)
+    monkeypatch.setenv(verl_registration.ENV_VAR, verl_registration.env_value(settings))
+    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(
+        loss_mode="jsd", tail_mode="bucket", beta=0.9, chunk_size=7, topk=8
+    )
+    for bad, message in [
+        ('{"loss_mode": "ce"}', "keys among"),  # loss_mode is verl's field, not the bridge's
+        ('{"beta": 1.5}', "beta must lie in"),
+        ("beta=0.9", "not JSON"),
+    ]:
+        monkeypatch.setenv(verl_registration.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=f"VERL_NPD_LOSS.*{message}"):
+            verl_registration.register()  # at start-up, not at the first training step
 
 
 def test_npd_loss_without_logits_processor_outputs_fails_loudly(verl_losses):

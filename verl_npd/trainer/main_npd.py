@@ -156,8 +156,15 @@ ENGINE_WARNINGS_MODULE = "verl.workers.engine"
 
 def set_job_environment(config: DictConfig) -> None:
     """What every process of the Ray job gets in its environment, through verl's
-    ``ray_kwargs.ray_init.runtime_env`` (which reaches workers on every node): the warnings filter above."""
+    ``ray_kwargs.ray_init.runtime_env`` (which reaches workers on every node): ``npd.loss`` as
+    ``VERL_NPD_LOSS``, the bridge into verl's training workers, whose loss config has no room for
+    it; and the warnings filter above."""
+    from verl_npd.losses.verl_registration import ENV_VAR, env_value
+    from verl_npd.trainer.config import NPDConfig
+
+    loss = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True)).loss
     env_vars = "ray_kwargs.ray_init.runtime_env.env_vars"
+    OmegaConf.update(config, f"{env_vars}.{ENV_VAR}", env_value(loss), force_add=True)
     quiet = f"ignore::UserWarning:{ENGINE_WARNINGS_MODULE}"
     inherited = OmegaConf.select(config, f"{env_vars}.PYTHONWARNINGS") or os.environ.get("PYTHONWARNINGS")
     OmegaConf.update(config, f"{env_vars}.PYTHONWARNINGS", f"{inherited},{quiet}" if inherited else quiet, force_add=True)
