@@ -122,6 +122,25 @@ def test_registered_with_verl():
         DistillationTeacherModelConfig._validate_topk_logprobs(teacher, use_topk=True, topk=None)
 
 
+def test_a_fresh_process_importing_the_server_first_registers_it():
+    # As a Ray worker unpickling CPURolloutServer does: the server module's first verl import runs
+    # the plugin, whose registration must not need the half-imported server module.
+    import subprocess
+    import sys
+
+    code = (
+        "import verl_npd.rollout.cpu_server as server\n"
+        "from verl.workers.rollout.base import get_rollout_class\n"
+        "from verl.workers.rollout.replica import get_rollout_replica_class\n"
+        "print(get_rollout_replica_class('npd_cpu') is server.CPURolloutReplica,"
+        " get_rollout_class('npd_cpu') is server.CPUServerAdapter)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "True True"
+    assert "verl-npd: registering" not in result.stderr, result.stderr
+
+
 def test_sampled_logprobs_match_forward(server, tiny):
     # Different prompt lengths and max_tokens: rows are left padded and leave the batch at different steps.
     max_tokens = [9, 3, 12, 1, 6]

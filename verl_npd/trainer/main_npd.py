@@ -167,7 +167,8 @@ def set_job_environment(config: DictConfig) -> None:
     OmegaConf.update(config, f"{env_vars}.{ENV_VAR}", env_value(loss), force_add=True)
     quiet = f"ignore::UserWarning:{ENGINE_WARNINGS_MODULE}"
     inherited = OmegaConf.select(config, f"{env_vars}.PYTHONWARNINGS") or os.environ.get("PYTHONWARNINGS")
-    OmegaConf.update(config, f"{env_vars}.PYTHONWARNINGS", f"{inherited},{quiet}" if inherited else quiet, force_add=True)
+    warnings_filters = f"{inherited},{quiet}" if inherited else quiet
+    OmegaConf.update(config, f"{env_vars}.PYTHONWARNINGS", warnings_filters, force_add=True)
 
 
 def run_npd(config: DictConfig) -> dict:
