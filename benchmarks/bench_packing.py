@@ -5,7 +5,8 @@ same tiny-to-small Qwen2 student, the same synthetic teacher top-k and the defau
 (forward KL on the teacher's top-k, normalised by the global number of loss tokens):
 
 - packed: best-fit-decreasing bins of at most ``--budget`` tokens, each run as one row with
-  restarting positions (``packed_causal_lm_forward``, exact per-sample attention);
+  restarting positions and no attention mask, the layout verl's remove-padding forward gives the
+  model (transformers then attends within each sample only; verl_npd/losses/packing.py says how);
 - padded: fixed-size micro-batches in arrival order, right-padded to the longest sample of each
   micro-batch (verl without dynamic batch size). The default micro-batch size,
   ``round(budget / mean sample length)``, gives the padded micro-batches the packed ones' *average* real
@@ -33,19 +34,14 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss, reduce_token_loss
-from verl_npd.losses.packing import (
-    best_fit_decreasing,
-    build_packed_micro_batch,
-    packed_causal_lm_forward,
-    packing_efficiency,
-    response_loss_mask,
-)
+from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,6 +73,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/packing_cpu.json")
     return parser.parse_args()
+
+
+def response_loss_mask(prompt_length: int, sequence_length: int) -> torch.Tensor:
+    """Which positions' predictions are trained: those of the response tokens, made at positions
+    ``prompt_length - 1`` to ``sequence_length - 2`` (the last position predicts nothing in the sample)."""
+    mask = torch.zeros(sequence_length, dtype=torch.bool)
+    mask[prompt_length - 1 : sequence_length - 1] = True
+    return mask
+
+
+@dataclass
+class PackedRow:
+    """One bin's samples concatenated into one row; ``tensors`` holds each per-token tensor, concatenated."""
+
+    tensors: dict[str, torch.Tensor]
+    position_ids: torch.Tensor
+    """Positions restarting at 0 for every sample."""
+    target_ids: torch.Tensor
+    """The next token of each position within its own sample (0 at every sample's last position)."""
+
+    def to(self, device: str) -> "PackedRow":
+        return PackedRow({k: v.to(device) for k, v in self.tensors.items()}, self.position_ids.to(device),
+                         self.target_ids.to(device))
+
+
+def pack_row(samples: list[dict[str, torch.Tensor]], indices: list[int]) -> PackedRow:
+    chosen = [samples[i] for i in indices]
+    tensors = {key: torch.cat([s[key] for s in chosen]) for key in chosen[0]}
+    positions = torch.cat([torch.arange(s["input_ids"].shape[0]) for s in chosen])
+    targets = torch.cat([torch.cat([s["input_ids"][1:], s["input_ids"].new_zeros(1)]) for s in chosen])
+    return PackedRow(tensors, positions, targets)
 
 
 def make_samples(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
@@ -141,12 +168,17 @@ def run_packed(model, packed_batches, config, global_tokens, device) -> tuple[fl
     start = time.perf_counter()
     total = 0.0
     for packed in packed_batches:
-        logits = packed_causal_lm_forward(model, packed)
+        logits = model(
+            input_ids=packed.tensors["input_ids"].unsqueeze(0),
+            position_ids=packed.position_ids.unsqueeze(0),
+            attention_mask=None,
+            use_cache=False,
+        ).logits.squeeze(0)
         tensors = packed.tensors
         loss = per_token_distillation_loss(
             logits, tensors["teacher_topk_ids"], tensors["teacher_topk_log_probs"], config, packed.target_ids
         ).loss
-        loss = reduce_token_loss(loss, packed.loss_mask, global_tokens)
+        loss = reduce_token_loss(loss, tensors["loss_mask"], global_tokens)
         loss.backward()
         total += loss.item()
     synchronize(device)
@@ -171,14 +203,6 @@ def run_padded(model, batches, config, global_tokens, device) -> tuple[float, fl
     return time.perf_counter() - start, total
 
 
-def to_device(packed, device: str):
-    packed.tensors = {k: v.to(device) for k, v in packed.tensors.items()}
-    packed.position_ids = packed.position_ids.to(device)
-    packed.target_ids = packed.target_ids.to(device)
-    packed.cu_seqlens = packed.cu_seqlens.to(device)
-    return packed
-
-
 def main() -> None:
     args = parse_args()
     if args.device == "cpu":
@@ -201,7 +225,7 @@ def main() -> None:
         else:
             first_fit_bins.append(args.budget - length)
     first_fit_efficiency = real_tokens / (len(first_fit_bins) * args.budget)
-    packed_batches = [to_device(build_packed_micro_batch(samples, b, args.budget), device) for b in bins]
+    packed_batches = [pack_row(samples, b).to(device) for b in bins]
 
     mb_size = args.padded_micro_batch_size or max(1, round(args.budget / statistics.mean(lengths)))
     padded_batches = padded_micro_batches(samples, mb_size, device)

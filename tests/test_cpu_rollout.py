@@ -16,7 +16,8 @@ from tiny_models import EOS_TOKEN, build_tiny_qwen2, build_tiny_tokenizer
 
 from verl.workers.config import CheckpointEngineConfig, RolloutConfig
 from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
-from verl_npd.rollout.cpu_server import CPURolloutReplica, CPUServerAdapter, register
+from verl_npd.rollout.cpu_server import CPURolloutReplica, CPUServerAdapter
+from verl_npd.rollout.cpu_server_registration import register
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [100, 101, 102, 103, 104], [200], [17, 18, 19, 20, 21, 22]]
 
@@ -119,6 +120,25 @@ def test_registered_with_verl():
     DistillationTeacherModelConfig._validate_topk_logprobs(teacher, use_topk=True, topk=8)
     with pytest.raises(ValueError, match="topk must be specified"):
         DistillationTeacherModelConfig._validate_topk_logprobs(teacher, use_topk=True, topk=None)
+
+
+def test_a_fresh_process_importing_the_server_first_registers_it():
+    # As a Ray worker unpickling CPURolloutServer does: the server module's first verl import runs
+    # the plugin, whose registration must not need the half-imported server module.
+    import subprocess
+    import sys
+
+    code = (
+        "import verl_npd.rollout.cpu_server as server\n"
+        "from verl.workers.rollout.base import get_rollout_class\n"
+        "from verl.workers.rollout.replica import get_rollout_replica_class\n"
+        "print(get_rollout_replica_class('npd_cpu') is server.CPURolloutReplica,"
+        " get_rollout_class('npd_cpu') is server.CPUServerAdapter)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "True True"
+    assert "verl-npd: registering" not in result.stderr, result.stderr
 
 
 def test_sampled_logprobs_match_forward(server, tiny):

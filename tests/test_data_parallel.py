@@ -90,6 +90,41 @@ def test_each_rank_trains_exactly_its_bins(data_parallel_size):
             assert topk == [samples[i].teacher_topk_ids.tolist() for i in bin_]
 
 
+# Each rank's npd_micro_batch assignment in two steps: equal micro-batch counts, then 2 against 3.
+EQUAL_COUNTS = [[0, 1, 0, 1], [0, 0, 1, 1]]
+UNEQUAL_COUNTS = [[0, 1, 0, 1], [1, 0, 2, 0]]
+
+
+def _micro_batches_on_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+    from tensordict import TensorDict
+
+    from verl_npd.losses.packing_dispatch import MICRO_BATCH_KEY, micro_batches_from_assignment
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for name, assignments in (("equal", EQUAL_COUNTS), ("unequal", UNEQUAL_COUNTS)):
+            data = TensorDict({MICRO_BATCH_KEY: torch.tensor(assignments[rank])}, batch_size=[4])
+            try:
+                results[name, rank] = micro_batches_from_assignment(data, dist.group.WORLD)[1]
+            except RuntimeError as e:
+                results[name, rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_given_unequal_micro_batch_counts_fail_instead_of_hanging(tmp_path):
+    """FSDP's collectives pair up per micro-batch: the dispatch checks across the data-parallel
+    group (gloo, 2 processes) that every rank runs as many, and names the counts when not (~30 s)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_micro_batches_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results["equal", 0] == [[0, 2], [1, 3]] and results["equal", 1] == [[0, 1], [2, 3]]
+    for rank in (0, 1):
+        assert "given between 2 and 3 micro-batches" in results["unequal", rank], results["unequal", rank]
+
+
 # ----------------------------------------------------------------------------------------------
 # One update on 1 and on 2 FSDP ranks (verl's real actor workers, Ray, gloo)
 # ----------------------------------------------------------------------------------------------

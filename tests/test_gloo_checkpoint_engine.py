@@ -130,16 +130,16 @@ def test_store_listens_on_loopback_only_on_one_node_and_rejects_empty_buckets():
 
 
 def test_reimport_from_verl_plugin_registers_the_engine(tmp_path):
-    # A fresh interpreter imports this module first, as a Ray worker unpickling one of its classes
-    # does. Its first verl import runs verl's module hooks, which (like verl_npd.plugin, once it lists
-    # this module) import it again half-initialised and call register().
+    # A fresh interpreter imports the engine module first, as a Ray worker unpickling one of its
+    # classes does. Its first verl import runs verl's module hooks and plugins, which (like
+    # verl_npd.plugin) run the registration while the engine module is half-initialised.
     (tmp_path / "npd_gloo_probe.py").write_text(
         textwrap.dedent(
             f"""
             import importlib
-            module = importlib.import_module("{ENGINE_MODULE}")
-            HALF_INITIALISED = not hasattr(module, "GlooCheckpointEngine")
-            module.register()
+            import sys
+            HALF_INITIALISED = not hasattr(sys.modules["{ENGINE_MODULE}"], "GlooCheckpointEngine")
+            importlib.import_module("{ENGINE_MODULE}_registration").register()
             """
         )
     )
@@ -147,7 +147,8 @@ def test_reimport_from_verl_plugin_registers_the_engine(tmp_path):
         import {ENGINE_MODULE} as module
         import npd_gloo_probe
         from verl.checkpoint_engine import CheckpointEngineRegistry
-        module.register()  # idempotent
+        from verl_npd.rollout.gloo_checkpoint_engine_registration import register
+        register()  # idempotent
         print(npd_gloo_probe.HALF_INITIALISED, CheckpointEngineRegistry.get("{BACKEND}") is module.GlooCheckpointEngine)
     """
     env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="npd_gloo_probe")

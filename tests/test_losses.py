@@ -5,6 +5,7 @@ Every expected number comes from an independent float64 formula written out belo
 (zero at the matching distribution, descent towards the teacher, split invariance).
 """
 
+import json
 import math
 import random
 
@@ -450,13 +451,17 @@ def _configs(loss_mode):
     "loss_name,mode,tail,beta",
     [
         ("npd_forward_kl_topk", "forward_kl_topk", "renorm", 0.5),
-        ("npd_forward_kl_topk_bucket", "forward_kl_topk", "bucket", 0.5),
+        ("npd_forward_kl_topk", "forward_kl_topk", "bucket", 0.5),
         ("npd_reverse_kl_topk", "reverse_kl_topk", "renorm", 0.5),
-        ("npd_jsd_bucket", "jsd", "bucket", 0.5),
+        ("npd_jsd", "jsd", "bucket", 0.8),
         ("npd_ce", "ce", "renorm", 0.5),
     ],
 )
-def test_registered_verl_loss_matches_reference(verl_losses, loss_name, mode, tail, beta):
+def test_registered_verl_loss_matches_reference(verl_losses, monkeypatch, loss_name, mode, tail, beta):
+    from verl_npd.losses import verl_registration
+
+    # The bridge main_npd sets from npd.loss; the workers' loss reads it.
+    monkeypatch.setenv(verl_registration.ENV_VAR, json.dumps({"tail_mode": tail, "beta": beta, "chunk_size": 5}))
     prompt_lens, response_lens = [3, 5, 2], [4, 1, 6]
     td = _verl_batch(0, prompt_lens, response_lens)
     actor, distill = _configs(loss_name)
@@ -517,14 +522,25 @@ def test_verl_builtin_loss_untouched_by_dispatch(verl_losses):
     assert "distillation_losses" in outputs and "npd_distillation_losses" not in outputs
 
 
-def test_env_overrides_reach_the_jsd_beta(verl_losses, monkeypatch):
+def test_loss_settings_bridge(verl_losses, monkeypatch):
     from verl_npd.losses import verl_registration
+    from verl_npd.trainer.config import LossConfig
 
-    monkeypatch.setenv(verl_registration.ENV_VAR, '{"beta": 0.9}')
-    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(loss_mode="jsd", beta=0.9, topk=8)
-    monkeypatch.setenv(verl_registration.ENV_VAR, '{"tail_mode": "bucket"}')  # fixed by the name, not the env
-    with pytest.raises(ValueError, match="VERL_NPD_LOSS"):
-        verl_registration.register()
+    monkeypatch.delenv(verl_registration.ENV_VAR, raising=False)
+    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(loss_mode="jsd", topk=8)
+    settings = LossConfig(tail_mode="bucket", beta=0.9, chunk_size=7)
+    monkeypatch.setenv(verl_registration.ENV_VAR, verl_registration.env_value(settings))
+    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(
+        loss_mode="jsd", tail_mode="bucket", beta=0.9, chunk_size=7, topk=8
+    )
+    for bad, message in [
+        ('{"loss_mode": "ce"}', "keys among"),  # loss_mode is verl's field, not the bridge's
+        ('{"beta": 1.5}', "beta must lie in"),
+        ("beta=0.9", "not JSON"),
+    ]:
+        monkeypatch.setenv(verl_registration.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=f"VERL_NPD_LOSS.*{message}"):
+            verl_registration.register()  # at start-up, not at the first training step
 
 
 def test_npd_loss_without_logits_processor_outputs_fails_loudly(verl_losses):
@@ -532,3 +548,63 @@ def test_npd_loss_without_logits_processor_outputs_fails_loudly(verl_losses):
     actor, distill = _configs("npd_forward_kl_topk")
     with pytest.raises(RuntimeError, match="logits processor"):
         verl_losses.get_distillation_loss_fn("npd_forward_kl_topk")(actor, distill, {}, td)
+
+
+# verl's own top-k forward KL (the loss of verl's OPD) on a fixed batch, and verl's dynamic-batch
+# micro-batching of it, in a fresh process: the numbers as JSON, and whether the plugin loaded.
+VERL_LOSS_PROBE = """
+import json, sys
+import torch
+sys.path.insert(0, {tests_dir!r})
+import verl.trainer.distillation.losses as verl_losses
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine.utils import prepare_micro_batches
+from test_losses import VOCAB, _configs, _verl_batch
+
+td = _verl_batch(5, [3, 5, 2, 4], [4, 1, 6, 3])
+actor, distill = _configs("forward_kl_topk")
+logits = torch.randn(int(td["input_ids"].offsets()[-1]), VOCAB, generator=torch.Generator().manual_seed(6))
+logits.requires_grad_(True)
+outputs = verl_losses.distillation_ppo_loss(actor, distill, data=td, student_logits=logits.unsqueeze(0))
+offsets = td["input_ids"].offsets()
+model_output = {{k: torch.nested.nested_tensor_from_jagged(v.squeeze(0), offsets) for k, v in outputs.items()}}
+loss, metrics = verl_losses.distillation_ppo_loss(actor, distill, model_output=model_output, data=td)
+loss.backward()
+tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=16)
+_, partitions = prepare_micro_batches(td)
+print(json.dumps({{
+    "plugin": "npd_forward_kl_topk" in verl_losses.DISTILLATION_LOSS_REGISTRY,
+    "per_token": {{k: v.tolist() for k, v in outputs.items()}},
+    "loss": loss.item(),
+    "grad": logits.grad.tolist(),
+    "micro_batches": partitions,
+}}))
+"""
+
+
+def test_verls_own_topk_loss_is_the_same_with_and_without_the_plugin():
+    """Installing verl-npd changes nothing for a verl user who selects no NPD component: verl's own
+    top-k forward KL, its gradient and verl's micro-batching of the batch come out bit-identical in
+    a process where the plugin is loaded and in one where verl skips it
+    (``VERL_USE_EXTERNAL_PLUGINS=none``, verl/__init__.py:55-76)."""
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    probes = {
+        plugins: subprocess.Popen(
+            [sys.executable, "-c", VERL_LOSS_PROBE.format(tests_dir=tests_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "VERL_USE_EXTERNAL_PLUGINS": plugins},
+        )
+        for plugins in ("auto", "none")
+    }
+    results = {}
+    for plugins, probe in probes.items():
+        stdout, stderr = probe.communicate(timeout=300)
+        assert probe.returncode == 0, stderr[-3000:]
+        results[plugins] = json.loads(stdout.strip().splitlines()[-1])
+    assert results["auto"].pop("plugin") is True and results["none"].pop("plugin") is False
+    assert results["auto"]["loss"] > 0 and len(results["auto"]["micro_batches"]) > 1
+    assert results["auto"] == results["none"]

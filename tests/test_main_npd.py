@@ -86,7 +86,7 @@ def check_the_exported_student(out, summary, stdout, final_validation, toy_world
 
 
 # The newest TRL: it has no AutoModelForCausalLMWithValueHead, which verl 0.9.1 imports whenever
-# TRL is installed (verl_npd/platform/verl_patches.py, apply_trl_without_value_head).
+# TRL is installed (verl_npd/platform/trl_compat.py).
 NEWEST_TRL = "trl==1.16.0"
 
 

@@ -1,26 +1,21 @@
-"""Tests of verl_npd.losses.packing: bin packing, packed micro-batches, and packed == padded through a
-real (tiny, random) transformers Qwen2."""
+"""Tests of verl_npd.losses.packing (bin packing per data-parallel rank) and of the packed training
+step as verl runs it, against each sample alone through a real (tiny, random) transformers Qwen2."""
 
 import itertools
+import json
 import random
 
 import pytest
 import torch
+from test_data_parallel import TOPK, RecordingActor, synthetic_samples
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss, reduce_token_loss
-from verl_npd.losses.packing import (
-    best_fit_decreasing,
-    build_packed_micro_batch,
-    packed_causal_lm_forward,
-    pack_for_ranks,
-    packing_efficiency,
-    rank_major_order,
-    response_loss_mask,
-    unpack,
-)
+from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
+from verl_npd.losses.packing import best_fit_decreasing, pack_for_ranks, packing_efficiency, rank_major_order
+from verl_npd.trainer.config import PackingConfig
+from verl_npd.trainer.near_policy_trainer import train_packed
 
-VOCAB, TOPK = 50, 5
+VOCAB = 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,78 +207,11 @@ def test_rank_packing_needs_an_even_split():
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed micro-batch tensors
+# The training path, packed, against each sample alone through a real transformers model
 # ----------------------------------------------------------------------------------------------
-def make_samples(seed: int, prompt_lens, response_lens):
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for p, r in zip(prompt_lens, response_lens):
-        length = p + r
-        teacher_logits = 2 * torch.randn(length, VOCAB, generator=gen)
-        lp, ids = torch.log_softmax(teacher_logits, -1).topk(TOPK)
-        samples.append(
-            {
-                "input_ids": torch.randint(0, VOCAB, (length,), generator=gen),
-                "loss_mask": response_loss_mask(p, length),
-                "teacher_topk_ids": ids,
-                "teacher_topk_log_probs": lp,
-            }
-        )
-    return samples
+BUDGET = 64
 
 
-def test_packed_micro_batch_layout():
-    samples = make_samples(0, [2, 3, 1], [3, 1, 2])
-    packed = build_packed_micro_batch(samples, [2, 0, 1])
-    assert packed.cu_seqlens.tolist() == [0, 3, 8, 12]
-    assert packed.position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]
-    assert torch.equal(packed.input_ids, torch.cat([samples[i]["input_ids"] for i in (2, 0, 1)]))
-    # Loss positions predict response tokens; never a sample's last position.
-    assert packed.loss_mask.tolist() == [1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 1, 0]
-    # Targets are the next token inside the same sample.
-    ids = samples[0]["input_ids"]
-    assert packed.target_ids[3:7].tolist() == ids[1:].tolist()
-    for key in samples[0]:
-        if key != "loss_mask":
-            pieces = unpack(packed.tensors[key], packed.cu_seqlens)
-            assert all(torch.equal(piece, samples[i][key]) for piece, i in zip(pieces, (2, 0, 1)))
-    # The same micro-batch as verl's jagged nested tensors (remove-padding input).
-    nested = packed.nested("input_ids")
-    assert torch.equal(nested.values(), packed.input_ids)
-    assert torch.equal(nested.offsets(), packed.cu_seqlens)
-    assert torch.equal(unpack(packed.input_ids.unsqueeze(0), packed.cu_seqlens)[1], samples[0]["input_ids"])
-
-
-def test_response_loss_mask():
-    assert response_loss_mask(3, 6).tolist() == [0, 0, 1, 1, 1, 0]
-    with pytest.raises(ValueError):
-        response_loss_mask(6, 6)
-
-
-def test_build_respects_budget_and_truncation():
-    samples = make_samples(1, [2, 10], [3, 4])
-    with pytest.raises(ValueError, match="sample 1 has 14 tokens"):
-        build_packed_micro_batch(samples, [1], budget=8)
-    with pytest.raises(ValueError, match="more than the budget"):
-        build_packed_micro_batch(samples, [0, 1], budget=16)
-    packed = build_packed_micro_batch(samples, [1], budget=8, truncate=True)
-    assert packed.num_tokens == 8
-    assert torch.equal(packed.input_ids, samples[1]["input_ids"][:8])
-    assert packed.loss_mask.tolist() == [False] * 8  # the prompt fills the budget: nothing left to train
-    assert packed.tensors["teacher_topk_ids"].shape == (8, TOPK)
-
-
-def test_packed_forward_refuses_unknown_attention():
-    class Fake(torch.nn.Module):
-        config = type("C", (), {"_attn_implementation": "my_kernel"})()
-
-    with pytest.raises(ValueError, match="my_kernel"):
-        packed_causal_lm_forward(Fake(), build_packed_micro_batch(make_samples(2, [1], [1]), [0]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Packed == padded through a real transformers model
-# ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_qwen2():
     torch.manual_seed(0)
@@ -298,83 +226,121 @@ def tiny_qwen2():
         max_position_embeddings=128,
         attn_implementation="sdpa",
     )
-    return Qwen2ForCausalLM(config).eval()  # eval: no dropout, so both runs see the same function
+    return Qwen2ForCausalLM(config)  # dropout is 0 in this config: train mode computes the same function
+
+
+def trained_micro_batches(samples):
+    """The micro-batches one training step hands verl's engine: the trainer's own batch
+    (``train_packed``), split by verl's dispatch and micro-batched by the patched
+    ``prepare_micro_batches``, with the global-batch values verl's engine adds."""
+    import verl  # noqa: F401  (loads the plugin: the micro-batch dispatch and the npd_* losses)
+    from verl.utils import tensordict_utils as tu
+
+    actor = RecordingActor(data_parallel_size=1)
+    packed = train_packed(
+        actor, samples, data_parallel_size=1, pad_id=0, packing=PackingConfig(token_budget=BUDGET),
+        temperature=1.0, seed=0,
+    )
+    (micro_batches,) = actor.micro_batches
+    assert len(micro_batches) == len(packed.rank_bins[0]) > 1  # gradients accumulate over micro-batches
+    loss_tokens = sum(len(s.response_ids) for s in samples)
+    for micro_batch in micro_batches:
+        # verl/workers/engine/base.py forward_backward_batch: token-mean over the global batch.
+        tu.assign_non_tensor(micro_batch, batch_num_tokens=loss_tokens, dp_size=1)
+    return micro_batches
+
+
+def verl_forward(model, micro_batch):
+    """The student's logits ``(total_nnz, V)`` of one packed micro-batch, with the inputs verl's FSDP
+    engine builds for it (remove-padding: one row, positions restarting per sample, no mask)."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = FSDPEngineWithLMHead.__new__(FSDPEngineWithLMHead)  # the input preparation only
+    engine.pad_to_length, engine.use_ulysses_sp = None, False
+    model_inputs, _ = engine.prepare_model_inputs(micro_batch)
+    assert model_inputs["attention_mask"] is None and model_inputs["input_ids"].shape[0] == 1
+    return model(**model_inputs, use_cache=False).logits[0]
+
+
+def verl_configs(loss_name: str):
+    from verl.workers.config import DistillationConfig, DistillationLossConfig, FSDPActorConfig
+
+    actor = FSDPActorConfig(strategy="fsdp2", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, rollout_n=1)
+    loss = DistillationLossConfig(
+        loss_mode=loss_name, topk=TOPK, use_policy_gradient=False, use_task_rewards=False, loss_max_clamp=None
+    )
+    return actor, DistillationConfig(enabled=False, distillation_loss=loss)
 
 
 def test_packed_logits_equal_each_sample_alone(tiny_qwen2):
-    samples = make_samples(3, [4, 2, 6], [5, 7, 1])
-    packed = build_packed_micro_batch(samples, [0, 1, 2])
+    samples = synthetic_samples(3, 8, vocab=VOCAB, max_prompt=8, max_response=12)
+    micro_batch = trained_micro_batches(samples)[0]
     with torch.no_grad():
-        logits = packed_causal_lm_forward(tiny_qwen2, packed)
-        for i, piece in enumerate(unpack(logits, packed.cu_seqlens)):
-            alone = tiny_qwen2(input_ids=samples[i]["input_ids"].unsqueeze(0)).logits[0]
-            torch.testing.assert_close(piece, alone, rtol=1e-5, atol=1e-5)
+        logits = verl_forward(tiny_qwen2, micro_batch)
+        offsets = micro_batch["input_ids"].offsets()
+        rows = micro_batch["input_ids"].unbind()
+        assert len(rows) > 1
+        for row, ids in enumerate(rows):
+            alone = tiny_qwen2(input_ids=ids.unsqueeze(0)).logits[0]
+            torch.testing.assert_close(logits[offsets[row] : offsets[row + 1]], alone, rtol=1e-5, atol=1e-5)
         # Control: without restarting positions the samples do see each other.
-        leaky = tiny_qwen2(input_ids=packed.input_ids.unsqueeze(0)).logits[0]
-        assert (unpack(leaky, packed.cu_seqlens)[2] - logits[packed.cu_seqlens[2] :]).abs().max() > 1e-2
-
-
-def _padded_loss(model, samples, config, global_tokens):
-    """Reference path: right-padded batch, 2D attention mask, per-sample positions."""
-    width = max(s["input_ids"].shape[0] for s in samples)
-    bsz = len(samples)
-    input_ids = torch.zeros(bsz, width, dtype=torch.long)
-    attention = torch.zeros(bsz, width, dtype=torch.long)
-    loss_mask = torch.zeros(bsz, width, dtype=torch.bool)
-    targets = torch.zeros(bsz, width, dtype=torch.long)
-    teacher_ids = torch.zeros(bsz, width, TOPK, dtype=torch.long)
-    teacher_lp = torch.full((bsz, width, TOPK), float("-inf"))
-    for row, s in enumerate(samples):
-        n = s["input_ids"].shape[0]
-        input_ids[row, :n] = s["input_ids"]
-        attention[row, :n] = 1
-        loss_mask[row, : n - 1] = s["loss_mask"][: n - 1]
-        targets[row, : n - 1] = s["input_ids"][1:]
-        teacher_ids[row, :n] = s["teacher_topk_ids"]
-        teacher_lp[row, :n] = s["teacher_topk_log_probs"]
-    position_ids = torch.arange(width).expand(bsz, width)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
-    per_token = per_token_distillation_loss(logits, teacher_ids, teacher_lp, config, targets).loss
-    return reduce_token_loss(per_token, loss_mask, global_tokens)
+        leaky = tiny_qwen2(input_ids=micro_batch["input_ids"].values().unsqueeze(0)).logits[0]
+        assert (leaky[offsets[-2] :] - logits[offsets[-2] :]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(
-    "config",
+    "loss_name, settings",
     [
-        NPDLossConfig(),
-        NPDLossConfig(loss_mode="jsd", tail_mode="bucket", beta=0.3),
-        NPDLossConfig(loss_mode="ce"),
+        ("npd_forward_kl_topk", {}),
+        ("npd_jsd", {"tail_mode": "bucket", "beta": 0.3, "chunk_size": 7}),
+        ("npd_ce", {}),
     ],
-    ids=["forward_kl_renorm", "jsd_bucket", "ce"],
 )
-def test_packed_and_padded_give_same_loss_and_gradients(tiny_qwen2, config):
-    rng = random.Random(5)
-    prompt_lens = [rng.randint(1, 8) for _ in range(9)]
-    response_lens = [max(1, int(rng.lognormvariate(2.0, 0.8))) for _ in range(9)]
-    samples = make_samples(4, prompt_lens, response_lens)
-    global_tokens = sum(int(s["loss_mask"][:-1].sum()) for s in samples)
-    model = tiny_qwen2.train()  # train mode (dropout is 0 in this config) with gradients
+def test_packed_training_step_gives_the_loss_and_gradients_of_each_sample_alone(
+    tiny_qwen2, monkeypatch, loss_name, settings
+):
+    """One training step as verl runs it (the trainer's batch, the micro-batch dispatch, verl's model
+    inputs, the registered loss through verl's ``distillation_ppo_loss``), packed, against plain torch
+    on one sample at a time: every response token's loss summed, over the batch's response tokens."""
+    from verl.trainer.distillation.losses import distillation_ppo_loss
+
+    from verl_npd.losses.verl_registration import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, json.dumps(settings))
+    samples = synthetic_samples(5, 12, vocab=VOCAB, max_prompt=8, max_response=20)
+    model = tiny_qwen2
+    loss_tokens = sum(len(s.response_ids) for s in samples)
 
     model.zero_grad()
-    padded = _padded_loss(model, samples, config, global_tokens)
-    padded.backward()
-    padded_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    reference_config = NPDLossConfig(loss_mode=loss_name.removeprefix("npd_"), topk=TOPK, **settings)
+    reference = torch.zeros(())
+    for s in samples:
+        ids = torch.tensor(s.prompt.prompt_ids + s.response_ids)
+        p = len(s.prompt.prompt_ids)
+        logits = model(input_ids=ids.unsqueeze(0)).logits[0]
+        scored = slice(p - 1, len(ids) - 1)  # the positions predicting the response; teacher entry t scores t + 1
+        reference = reference + per_token_distillation_loss(
+            logits[scored], s.teacher_topk_ids[scored], s.teacher_topk_log_probs[scored], reference_config,
+            target_ids=ids[p:],
+        ).loss.sum()
+    reference = reference / loss_tokens
+    reference.backward()
+    reference_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
 
     model.zero_grad()
-    lengths = [s["input_ids"].shape[0] for s in samples]
-    bins = best_fit_decreasing(lengths, budget=32)
-    assert len(bins) > 1  # several micro-batches, gradients accumulate across them
+    actor, distillation = verl_configs(loss_name)
     packed_total = 0.0
-    for bin_ in bins:
-        packed = build_packed_micro_batch(samples, bin_, budget=32)
-        logits = packed_causal_lm_forward(model, packed)
-        teacher_ids, teacher_lp = packed.tensors["teacher_topk_ids"], packed.tensors["teacher_topk_log_probs"]
-        per_token = per_token_distillation_loss(logits, teacher_ids, teacher_lp, config, packed.target_ids).loss
-        loss = reduce_token_loss(per_token, packed.loss_mask, global_tokens)
+    for micro_batch in trained_micro_batches(samples):
+        logits = verl_forward(model, micro_batch).unsqueeze(0)
+        # verl's logits processor, then its final loss (FSDPEngineWithLMHead.prepare_model_outputs, forward_step).
+        outputs = distillation_ppo_loss(actor, distillation, data=micro_batch, student_logits=logits)
+        offsets = micro_batch["input_ids"].offsets()
+        model_output = {k: torch.nested.nested_tensor_from_jagged(v.squeeze(0), offsets) for k, v in outputs.items()}
+        loss, _ = distillation_ppo_loss(actor, distillation, model_output=model_output, data=micro_batch)
         loss.backward()
         packed_total += loss.item()
-    model.eval()
 
-    assert packed_total == pytest.approx(padded.item(), rel=1e-5)
+    assert reference.item() > 0
+    assert packed_total == pytest.approx(reference.item(), rel=1e-5)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)

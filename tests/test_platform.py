@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from verl_npd.platform.verl_patches import placement_shortfall
+from verl_npd.platform.resource_check import placement_shortfall
 
 
 def run_python(code: str, timeout: float = 180, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         (["npd.sync_interval=0"], "npd.sync_interval must be >= 1, got 0"),
         (["npd.sync_interval=4", "npd.buffer.max_staleness=1"], "npd.sync_interval=4 with npd.buffer.max_staleness=1"),
         (["npd.packing.token_budget=0"], "npd.packing.token_budget must be >= 1"),
+        (["npd.loss.beta=1.5"], "npd.loss.beta must lie in [0, 1], got 1.5"),
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
         (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
@@ -213,3 +214,19 @@ def test_the_students_ifd_terms_must_describe_one_distribution(rollout, accepted
     else:
         with pytest.raises(PreflightError, match="actor_rollout_ref.rollout.temperature=.*logprobs_mode=raw_logprobs"):
             check_behaviour_log_probs(config)
+
+
+def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():
+    """``npd.loss`` crosses into verl's training workers as ``VERL_NPD_LOSS`` in the job's runtime
+    environment (what verl's ray.init passes to every worker), as do the engine warnings' filter."""
+    from hydra import compose, initialize_config_dir
+
+    from verl_npd.losses.verl_registration import ENV_VAR
+    from verl_npd.trainer.main_npd import set_job_environment
+
+    with initialize_config_dir(config_dir=f"{REPO}/verl_npd/config", version_base=None):
+        config = compose(config_name="npd_trainer", overrides=["npd.loss.tail_mode=bucket", "npd.loss.beta=0.9"])
+    set_job_environment(config)
+    env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
+    assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9, "chunk_size": 4096}
+    assert "ignore::UserWarning:verl.workers.engine" in env_vars.PYTHONWARNINGS.split(",")

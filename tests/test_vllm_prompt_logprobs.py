@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from verl_npd.rollout.vllm_prompt_logprobs import PatchAfterImport, prompt_token_logprobs
+from verl_npd.platform.verl_version import apply_once_when_imported
+from verl_npd.rollout.vllm_prompt_logprobs import patch_server_module, prompt_token_logprobs
 
 
 def _vllm_output(prompt_ids, logits, k):
@@ -53,11 +54,16 @@ def test_the_server_module_is_wrapped_when_imported_and_keeps_verls_fields(tmp_p
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    finder = PatchAfterImport("fake_vllm_server")
-    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+
+    def hooks():
+        return [finder for finder in sys.meta_path if getattr(finder, "module_name", None) == "fake_vllm_server"]
+
+    apply_once_when_imported("fake_vllm_server_patch", "fake_vllm_server", patch_server_module)
+    assert len(hooks()) == 1 and "fake_vllm_server" not in sys.modules  # nothing imported yet
     import fake_vllm_server
 
-    assert finder not in sys.meta_path
+    assert hooks() == []  # the hook leaves once it has run
     output = _vllm_output([1, 2, 3], torch.randn(3, 5), k=1)
     fields = {}
     fake_vllm_server.extract_prompt_logprobs(output, 1, fields)

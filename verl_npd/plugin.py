@@ -8,22 +8,27 @@ traceback, and the others still run.
 
 import importlib
 import logging
-import warnings
 
 logger = logging.getLogger("verl_npd")
 
-# verl/workers/engine/__init__.py warns in every process about each optional engine backend that is
-# not installed (megatron, torchtitan, veomni, ...); dozens of identical lines that bury real output.
-warnings.filterwarnings("ignore", message=r".* engine is not available: .*", category=UserWarning)
-
-# Each module exposes ``register()``; the order matters only for the platform, which must be in
-# place before any other module asks verl for the device name.
+# Each module exposes ``register()`` and imports little: verl is still importing when they run, and
+# in a fresh Ray worker so may be the very module a registration names, so none imports a
+# component's implementation before verl asks for it (the gloo engine, whose registry holds classes,
+# is the one exception; its registration module says why that is safe). The order matters only for
+# the platform, which must be in place before any other module asks verl for the device name.
+# Installing verl-npd changes nothing for a verl user who selects none of these components: each
+# patch acts only on NPD's names (npd_cpu, npd_gloo, the npd_* losses, the npd_micro_batch tensor,
+# the cpu platform), where verl would otherwise fail or hang, or (vllm_prompt_logprobs) adds a field
+# verl does not read; each module says which.
 REGISTRATION_MODULES = (
     "verl_npd.platform.cpu",
-    "verl_npd.platform.verl_patches",
-    "verl_npd.rollout.cpu_server",
+    "verl_npd.platform.resource_check",
+    "verl_npd.platform.trl_compat",
+    "verl_npd.rollout.cpu_server_registration",
     "verl_npd.rollout.vllm_prompt_logprobs",
-    "verl_npd.rollout.gloo_checkpoint_engine",
+    "verl_npd.rollout.gloo_checkpoint_engine_registration",
+    "verl_npd.rollout.remote_teacher_agent_loop",
+    "verl_npd.losses.packing_dispatch",
     "verl_npd.losses.verl_registration",
     "verl_npd.filters.verl_registration",
     "verl_npd.toy.resolvers",

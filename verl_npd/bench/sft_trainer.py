@@ -6,7 +6,7 @@ differ from ``python -m verl.trainer.sft_trainer``, both outside verl's training
 
 - the process group is plain ``gloo``: verl's ``run_sft`` asks for ``cpu:gloo,{device}:{backend}``
   (``verl/utils/distributed.py:63``), which is ``cpu:gloo,cpu:gloo`` on the CPU platform and which
-  torch rejects (the Ray path is patched in ``verl_npd/platform/verl_patches.py``; this one is not);
+  torch rejects (the Ray path is patched in ``verl_npd/platform/cpu_patches.py``; this one is not);
 - verl's SFT trainer logs per-step metrics but no time, and the benchmark plots accuracy against
   wall-clock: each update and each checkpoint save is timed. Checkpoints are written only so that the
   benchmark can evaluate them, so their save time is left out of the step times.

@@ -1,13 +1,16 @@
-"""Sequence packing for the packed-SFT step: bin packing, packed micro-batches, and the packed forward.
+"""Sequence packing for the packed-SFT step: which samples share a micro-batch, on which rank.
 
 Samples of very different lengths (long-tailed responses) are bin-packed, best-fit decreasing, into
-micro-batches holding at most ``budget`` tokens each, then concatenated into one row with positions
-restarting at 0 for every sample. Packing efficiency = real tokens / (micro-batches x budget).
+micro-batches holding at most ``budget`` tokens each (:func:`pack_for_ranks`, per data-parallel
+rank). The trainer lays the batch out rank-major (:func:`rank_major_order`) and names each sample's
+micro-batch; :mod:`verl_npd.losses.packing_dispatch` makes verl's engine train exactly those
+micro-batches. Packing efficiency = real tokens / (micro-batches x budget).
 
-**Attention never crosses a sample boundary.** :func:`packed_causal_lm_forward` feeds the packed row
-to a Hugging Face causal LM as ``input_ids [1, T]`` and ``position_ids [1, T]`` with
-``attention_mask=None``. transformers (read and tested on 5.10, the range verl 0.9.1 allows) then
-handles packing natively for every attention implementation it ships:
+**Attention never crosses a sample boundary.** verl's FSDP engine with ``use_remove_padding=True``
+(``FSDPEngineWithLMHead.prepare_model_inputs``) concatenates a micro-batch's samples into one row
+and calls the model with ``input_ids [1, T]``, ``position_ids [1, T]`` (restarting at 0 for every
+sample) and ``attention_mask=None``. transformers (read and tested on 5.10, the range verl 0.9.1
+allows) then handles packing natively for every attention implementation it ships:
 
 - sdpa / eager / flex_attention: ``masking_utils._preprocess_mask_arguments`` calls
   ``find_packed_sequence_indices(position_ids)`` whenever the 2D mask is None and there is no cache;
@@ -17,47 +20,28 @@ handles packing natively for every attention implementation it ships:
 - flash_attention_2/3: ``modeling_flash_attention_utils`` detects the restarting positions
   (``_is_packed_sequence``) and calls the varlen kernel with cu_seqlens derived from them.
 
-**How this maps onto verl's engine.** verl's FSDP engine with ``use_remove_padding=True``
-(``FSDPEngineWithLMHead.prepare_model_inputs``) takes the jagged nested tensors of a micro-batch
-(``pad_mode=NO_PADDING``) and calls the model with exactly this layout:
-``input_ids = input_ids.values().unsqueeze(0)``, ``position_ids = position_ids.values().unsqueeze(0)``
-(positions restart per sample), ``attention_mask=None``, ``use_cache=False``, and
-``cu_seqlens = input_ids.offsets()``. With remove-padding, verl's ``apply_monkey_patch`` replaces
-only transformers' flash-attention forward (to add the Ulysses all-to-all); with sdpa (the CPU case)
-verl relies on the same transformers packing detection as here. A
-:class:`PackedMicroBatch` therefore is one verl micro-batch: ``packed.nested(key)`` rebuilds the
-jagged tensor verl expects (values = the packed row, offsets = ``cu_seqlens``). What verl lacks is the
-*choice* of which samples share a micro-batch: with ``use_dynamic_bsz``
-(``seqlen_balancing.rearrange_micro_batches``) it splits a mini-batch into about
-ceil(tokens / max_token_len) micro-batches balanced by a workload estimate (Karmarkar-Karp);
-:func:`best_fit_decreasing` instead fills fixed-size bins, so that every micro-batch is close to the
-budget and packing efficiency is a direct metric.
-
-Conventions of a sample: per-token tensors of equal length L, position t being the input token t.
-``loss_mask[t]`` marks that the prediction made *at* t (of token t + 1) is trained, the layout of
-vLLM's ``prompt_logprobs`` (entry t scores token t + 1), so teacher tensors line up with no shift.
+With remove-padding, verl's ``apply_monkey_patch`` replaces only transformers' flash-attention
+forward (to add the Ulysses all-to-all); with sdpa (the CPU case) verl relies on this detection.
+tests/test_packing.py checks the whole step (the trainer's batch, the dispatch, verl's model inputs
+and loss) against each sample alone. What verl lacks is the *choice* of which samples share a
+micro-batch: with ``use_dynamic_bsz`` (``seqlen_balancing.rearrange_micro_batches``) it splits a
+mini-batch into about ceil(tokens / max_token_len) micro-batches balanced by a workload estimate
+(Karmarkar-Karp); :func:`best_fit_decreasing` instead fills fixed-size bins, so that every
+micro-batch is close to the budget and packing efficiency is a direct metric.
 """
 
 import bisect
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-
-import torch
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that turn restarting position_ids into per-sample attention (see above).
-PACKING_AWARE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
-
-def _check_lengths(
-    lengths: Sequence[int], budget: int, truncate: bool, indices: Sequence[int] | None = None
-) -> None:
+def _check_lengths(lengths: Sequence[int], budget: int, truncate: bool) -> None:
     """Raise for empty samples, and for over-long ones unless truncating; errors name the sample index."""
     if budget < 1:
         raise ValueError(f"budget must be >= 1 token, got {budget}")
-    for index, length in zip(range(len(lengths)) if indices is None else indices, lengths, strict=True):
+    for index, length in enumerate(lengths):
         if length < 1:
             raise ValueError(f"sample {index} has length {length}; every sample needs at least one token")
         if length > budget and not truncate:
@@ -211,139 +195,3 @@ def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], bu
         return 0.0
     real_tokens = sum(min(lengths[i], budget) for bin_ in bins for i in bin_)
     return real_tokens / (len(bins) * budget)
-
-
-@dataclass
-class PackedMicroBatch:
-    """Samples concatenated into one row: verl's remove-padding layout of one micro-batch.
-
-    Every per-token tensor of the samples (``input_ids``, ``loss_mask`` and any others, e.g.
-    ``teacher_topk_ids`` ``[L, K]``) is concatenated along dim 0 into ``tensors[key]`` ``[T, ...]``.
-    """
-
-    tensors: dict[str, torch.Tensor]
-    position_ids: torch.Tensor
-    """``[T]`` positions, restarting at 0 for every sample."""
-    cu_seqlens: torch.Tensor
-    """``[n + 1]`` int64 sample offsets into the row (verl's ``input_ids.offsets()``)."""
-    target_ids: torch.Tensor
-    """``[T]`` the next token of each position within its own sample (0 at every sample's last position)."""
-    sample_indices: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.cu_seqlens[-1])
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.tensors["input_ids"]
-
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        return self.tensors["loss_mask"]
-
-    def nested(self, key: str) -> torch.Tensor:
-        """``tensors[key]`` as the jagged nested tensor verl uses for the same micro-batch."""
-        return torch.nested.nested_tensor_from_jagged(self.tensors[key], offsets=self.cu_seqlens)
-
-
-def response_loss_mask(prompt_length: int, sequence_length: int) -> torch.Tensor:
-    """``[sequence_length]`` loss mask of a prompt + response sample in the shifted layout.
-
-    The predictions of the response tokens are made at positions ``prompt_length - 1`` to
-    ``sequence_length - 2``; the last position predicts nothing inside the sample.
-    """
-    if not 0 < prompt_length < sequence_length:
-        raise ValueError(f"need 0 < prompt_length < sequence_length, got {prompt_length}, {sequence_length}")
-    mask = torch.zeros(sequence_length, dtype=torch.bool)
-    mask[prompt_length - 1 : sequence_length - 1] = True
-    return mask
-
-
-def build_packed_micro_batch(
-    samples: Sequence[Mapping[str, torch.Tensor]],
-    indices: Sequence[int],
-    budget: int | None = None,
-    *,
-    truncate: bool = False,
-) -> PackedMicroBatch:
-    """Concatenate ``samples[i] for i in indices`` (one bin) into a :class:`PackedMicroBatch`.
-
-    Each sample maps names to per-token tensors of one length L; ``input_ids`` and ``loss_mask`` are
-    required. The loss mask of every sample's last position is cleared: its target would be the next
-    sample's first token (after truncation: a token that was cut away).
-
-    Args:
-        samples: all samples; only those in ``indices`` are used.
-        indices: one bin from :func:`best_fit_decreasing`.
-        budget: if given, the packed row must fit in it; over-long samples raise ``ValueError``
-            unless ``truncate`` is set, in which case they are cut to ``budget`` tokens.
-    """
-    lengths = [samples[i]["input_ids"].shape[0] for i in indices]
-    if budget is not None:
-        _check_lengths(lengths, budget, truncate, indices)
-        lengths = [min(length, budget) for length in lengths]
-        if sum(lengths) > budget:
-            raise ValueError(f"samples {list(indices)} hold {sum(lengths)} tokens, more than the budget {budget}")
-
-    keys = list(samples[indices[0]].keys()) if indices else ["input_ids", "loss_mask"]
-    for required in ("input_ids", "loss_mask"):
-        if required not in keys:
-            raise ValueError(f"every sample needs a {required!r} tensor")
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-    positions, targets = [], []
-    for index, length in zip(indices, lengths, strict=True):
-        sample = samples[index]
-        for key in keys:
-            tensor = sample[key][:length]
-            if key == "loss_mask":
-                tensor = tensor.bool().clone()
-                tensor[-1] = False
-            parts[key].append(tensor)
-        ids = sample["input_ids"][:length]
-        positions.append(torch.arange(length, device=ids.device))
-        targets.append(torch.cat([ids[1:], ids.new_zeros(1)]))
-
-    tensors = {key: torch.cat(values) if values else torch.empty(0, dtype=torch.long) for key, values in parts.items()}
-    device = tensors["input_ids"].device
-    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=device)
-    cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64, device=device), dim=0)
-    return PackedMicroBatch(
-        tensors=tensors,
-        position_ids=torch.cat(positions) if positions else torch.empty(0, dtype=torch.long),
-        cu_seqlens=cu_seqlens,
-        target_ids=torch.cat(targets) if targets else torch.empty(0, dtype=torch.long),
-        sample_indices=list(indices),
-    )
-
-
-def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
-    """Split a packed ``[T, ...]`` (or ``[1, T, ...]``) tensor back into per-sample ``[L_i, ...]`` tensors."""
-    if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == int(cu_seqlens[-1]):
-        values = values.squeeze(0)
-    if values.shape[0] != int(cu_seqlens[-1]):
-        raise ValueError(f"packed tensor has {values.shape[0]} tokens, cu_seqlens says {int(cu_seqlens[-1])}")
-    return list(torch.split(values, cu_seqlens.diff().tolist(), dim=0))
-
-
-def packed_causal_lm_forward(model: torch.nn.Module, packed: PackedMicroBatch, **kwargs) -> torch.Tensor:
-    """Run a Hugging Face causal LM on a packed micro-batch with exact per-sample attention.
-
-    Passes ``input_ids``/``position_ids`` as ``[1, T]`` with ``attention_mask=None`` and no cache, which
-    transformers turns into a block-diagonal causal mask (sdpa/eager/flex) or varlen flash attention;
-    see the module docstring. Returns the logits ``[T, V]``.
-    """
-    attention = getattr(model.config, "_attn_implementation", None)
-    if attention not in PACKING_AWARE_ATTENTION:
-        raise ValueError(
-            f"attention implementation {attention!r} may attend across packed samples; "
-            f"use one of {PACKING_AWARE_ATTENTION}"
-        )
-    output = model(
-        input_ids=packed.input_ids.unsqueeze(0),
-        position_ids=packed.position_ids.unsqueeze(0),
-        attention_mask=None,
-        use_cache=False,
-        **kwargs,
-    )
-    return output.logits.squeeze(0)

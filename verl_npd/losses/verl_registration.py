@@ -32,10 +32,12 @@ Adaptation done here:
   mean of log p_B - log p_S_now) when the batch carries ``rollout_log_probs`` and verl kept the
   student's sampled-token log-probs (``distillation_only=False``). Unlike verl's ``forward_kl_topk`` it does
   not clamp the loss at 0: the NPD losses are true divergences (>= 0).
-- ``DistillationLossConfig`` rejects unknown fields, so the loss variant is encoded in the name (see
-  ``LOSS_NAMES``), ``topk`` comes from ``distillation_loss.topk``, and the remaining knobs (``beta``,
-  ``chunk_size``) from the JSON environment variable ``VERL_NPD_LOSS`` (set it on the driver before
-  ``ray.init``, or in ``ray_kwargs.ray_init.runtime_env.env_vars``, so the workers see it).
+- ``DistillationLossConfig`` rejects unknown fields, so ``loss_mode`` names the divergence (see
+  ``LOSS_NAMES``) and ``topk`` comes from ``distillation_loss.topk``; the loss's other settings
+  (``tail_mode``, ``beta``, ``chunk_size``: ``npd.loss`` in NPD's config) reach the workers through the
+  JSON environment variable ``VERL_NPD_LOSS``, the bridge into verl's workers. ``main_npd`` sets it
+  from ``npd.loss`` in the job's Ray runtime environment; a run of verl's own trainer sets it in
+  ``ray_kwargs.ray_init.runtime_env.env_vars`` (README). Unset, the defaults of ``npd.loss`` apply.
 
 Recommended verl settings for NPD's supervised step: ``use_policy_gradient=False`` and
 ``use_task_rewards=False`` (then verl skips the policy loss), and ``loss_max_clamp=null`` (verl's
@@ -52,21 +54,20 @@ from typing import Any
 import torch
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
+from verl_npd.platform.verl_version import apply_once
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "VERL_NPD_LOSS"
-ENV_KEYS = ("beta", "chunk_size")
+# The NPDLossConfig fields that VERL_NPD_LOSS carries (npd.loss in NPD's config).
+ENV_KEYS = ("tail_mode", "beta", "chunk_size")
 
-# verl loss_mode -> the NPDLossConfig fields that name fixes.
-LOSS_NAMES: dict[str, dict[str, str]] = {
-    "npd_forward_kl_topk": {"loss_mode": "forward_kl_topk", "tail_mode": "renorm"},
-    "npd_forward_kl_topk_bucket": {"loss_mode": "forward_kl_topk", "tail_mode": "bucket"},
-    "npd_reverse_kl_topk": {"loss_mode": "reverse_kl_topk", "tail_mode": "renorm"},
-    "npd_reverse_kl_topk_bucket": {"loss_mode": "reverse_kl_topk", "tail_mode": "bucket"},
-    "npd_jsd": {"loss_mode": "jsd", "tail_mode": "renorm"},
-    "npd_jsd_bucket": {"loss_mode": "jsd", "tail_mode": "bucket"},
-    "npd_ce": {"loss_mode": "ce"},
+# verl loss_mode -> NPDLossConfig.loss_mode.
+LOSS_NAMES: dict[str, str] = {
+    "npd_forward_kl_topk": "forward_kl_topk",
+    "npd_reverse_kl_topk": "reverse_kl_topk",
+    "npd_jsd": "jsd",
+    "npd_ce": "ce",
 }
 
 # model_output keys; distinct from verl's so that a path that skipped our logits processor (fused
@@ -78,20 +79,33 @@ TEACHER_MASS_KEY = "npd_teacher_mass"
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2", "veomni")
 
 
-def env_overrides() -> dict[str, Any]:
+def env_value(settings: Any) -> str:
+    """``VERL_NPD_LOSS``'s value for ``settings``, any object with the ``ENV_KEYS`` as attributes
+    (``npd.loss``)."""
+    return json.dumps({key: getattr(settings, key) for key in ENV_KEYS})
+
+
+def env_settings() -> dict[str, Any]:
     """The ``VERL_NPD_LOSS`` JSON object (``{"beta": 0.9}``), validated; ``{}`` when unset."""
     raw = os.environ.get(ENV_VAR, "").strip()
     if not raw:
         return {}
-    overrides = json.loads(raw)
-    if not isinstance(overrides, dict) or set(overrides) - set(ENV_KEYS):
+    try:
+        settings = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ENV_VAR} is not JSON ({e}): {raw!r}") from None
+    if not isinstance(settings, dict) or set(settings) - set(ENV_KEYS):
         raise ValueError(f"{ENV_VAR} must be a JSON object with keys among {ENV_KEYS}, got {raw!r}")
-    return overrides
+    try:
+        NPDLossConfig(**settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ENV_VAR}={raw!r}: {e}") from None
+    return settings
 
 
 def loss_config_for(loss_name: str, topk: int | None) -> NPDLossConfig:
-    """The :class:`NPDLossConfig` that verl ``loss_mode=loss_name`` stands for."""
-    return NPDLossConfig(**{**env_overrides(), **LOSS_NAMES[loss_name], "topk": topk})
+    """The :class:`NPDLossConfig` that verl ``loss_mode=loss_name`` stands for, with ``VERL_NPD_LOSS``'s settings."""
+    return NPDLossConfig(**env_settings(), loss_mode=LOSS_NAMES[loss_name], topk=topk)
 
 
 def compute_npd_topk_outputs(
@@ -193,14 +207,34 @@ def _drift_sum(model_output: dict, data: Any, response_mask: torch.Tensor) -> to
     return drift.sum() / data["batch_num_tokens"] * data["dp_size"]
 
 
+def _patch_compute_topk_loss() -> None:
+    """Route verl's top-k logits-processor call to :func:`compute_npd_topk_outputs` for the ``npd_*`` modes.
+
+    verl/trainer/distillation/losses.py:123 (``compute_topk_loss``) always computes verl's own
+    forward KL, whatever ``distillation_loss.loss_mode`` names: a registered top-k loss only ever
+    sees verl's numbers. ``distillation_ppo_loss`` (:205) looks ``compute_topk_loss`` up in its
+    module at call time, so replacing the module attribute reroutes the modes in ``LOSS_NAMES`` and
+    leaves every other mode, verl's own included, to verl's function.
+    """
+    import verl.trainer.distillation.losses as verl_losses
+
+    original = verl_losses.compute_topk_loss
+
+    @functools.wraps(original)
+    def compute_topk_loss(config, distillation_config, data, student_logits, data_format):
+        if distillation_config.distillation_loss.loss_mode in LOSS_NAMES:
+            return compute_npd_topk_outputs(config, distillation_config, data, student_logits, data_format)
+        return original(config, distillation_config, data, student_logits, data_format)
+
+    verl_losses.compute_topk_loss = compute_topk_loss
+
+
 def register() -> None:
     """Register every ``npd_*`` loss with verl and install the logits-processor dispatch. Safe to call twice."""
     import verl.trainer.distillation.losses as verl_losses
 
-    from verl_npd.platform.verl_patches import apply_topk_loss_dispatch
-
-    env_overrides()  # fail at start-up, not at the first training step, on a malformed VERL_NPD_LOSS
-    apply_topk_loss_dispatch(LOSS_NAMES, compute_npd_topk_outputs)
+    env_settings()  # fail at start-up, not at the first training step, on a malformed VERL_NPD_LOSS
+    apply_once("topk_loss_dispatch", _patch_compute_topk_loss)
     names = []
     for name in LOSS_NAMES:
         registered = verl_losses.DISTILLATION_LOSS_REGISTRY.get(name)

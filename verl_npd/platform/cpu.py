@@ -212,10 +212,10 @@ def register() -> None:
     if PlatformRegistry.get(PLATFORM_NAME) is None:
         PlatformRegistry.register(platform=PLATFORM_NAME)(_platform_class())
 
-    from verl_npd.platform import verl_patches
-
     if get_platform().device_name == "cpu":
-        verl_patches.apply_cpu_patches()
+        from verl_npd.platform.cpu_patches import apply_cpu_patches
+
+        apply_cpu_patches()
         from verl_npd.platform.cpu_threads import apply_configured_threads
 
         apply_configured_threads()

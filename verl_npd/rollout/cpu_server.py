@@ -37,40 +37,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.config import HFModelConfig, RolloutConfig
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
-ROLLOUT_NAME = "npd_cpu"
-
-
-# register() and its helpers come before this module's first verl import on purpose. When a fresh
-# process imports this module first (Ray unpickling CPURolloutServer does), that verl import runs
-# verl's plugin loader, which imports this module again while it is half-initialised: only what is
-# defined above the verl imports exists at that point.
-def _load_replica_class() -> type[CPURolloutReplica]:
-    return CPURolloutReplica
-
-
-def register() -> None:
-    """Register ``npd_cpu`` with verl's rollout registries. Idempotent; imports no model code."""
-    from verl.workers.rollout.base import _ROLLOUT_REGISTRY
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica_class)
-    # verl 0.9.1 has no register function for the in-worker adapter: get_rollout_class reads this
-    # module-level dict (verl/workers/rollout/base.py:89-93, read at :96-109).
-    _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.CPUServerAdapter"
-    # Like SGLang, this backend takes the top-k per request and has no engine-wide cap.
-    from verl_npd.platform.verl_patches import apply_teacher_topk_engines
-
-    apply_teacher_topk_engines([ROLLOUT_NAME])
-
-
-from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
-from verl.workers.config import HFModelConfig, RolloutConfig  # noqa: E402
-from verl.workers.rollout.base import BaseRollout  # noqa: E402
-from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput  # noqa: E402
-
-from verl_npd.platform.cpu_threads import configured_threads  # noqa: E402
-from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS, scoring_params  # noqa: E402
+from verl_npd.platform.cpu_threads import configured_threads
+from verl_npd.rollout.cpu_server_registration import ROLLOUT_NAME
+from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS, scoring_params
 
 if TYPE_CHECKING:
     from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence

@@ -44,43 +44,26 @@ is 2 GiB.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import ray
+import torch
+import torch.distributed as dist
+from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
+from verl.utils.net_utils import is_valid_ipv6_address
+from verl.workers.rollout.utils import ensure_async_iterator
+
 BACKEND = "npd_gloo"
-
-
-# register() comes before this module's first verl import on purpose. When a fresh process imports
-# this module first (Ray unpickling one of its classes does), that verl import runs verl's plugin
-# loader, which imports this module again while it is half-initialised and calls register(): the
-# engine class does not exist yet then, and registers itself through its decorator as soon as this
-# module finishes executing.
-def register() -> None:
-    """Register the ``npd_gloo`` checkpoint engine with verl. Idempotent."""
-    engine_cls = globals().get("GlooCheckpointEngine")
-    if engine_cls is None:
-        return
-    from verl.checkpoint_engine.base import CheckpointEngineRegistry
-
-    CheckpointEngineRegistry.register(BACKEND)(engine_cls)
-
-
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import AsyncIterator, Iterable, Iterator  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-import ray  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry  # noqa: E402
-from verl.utils.net_utils import is_valid_ipv6_address  # noqa: E402
-from verl.workers.rollout.utils import ensure_async_iterator  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -11,17 +11,18 @@ pad, like verl's layout) and leaves every field verl fills as it was.
 
 vllm_async_server binds ``extract_prompt_logprobs`` by name and imports vLLM, which most processes
 never load; the patch therefore waits for that module to be imported (in the vLLM server's own
-process) and wraps the name there.
+process) and wraps the name there. verl's teacher loop reads only the fields it knows
+(verl/experimental/teacher_loop/teacher_manager.py:141-142), so the added one changes nothing for it.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import importlib.util
 import sys
 from typing import Any
 
+from verl_npd.platform.verl_version import apply_once_when_imported
 from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS
 
 VLLM_SERVER_MODULE = "verl.workers.rollout.vllm_rollout.vllm_async_server"
@@ -45,41 +46,11 @@ def _wrap(extract_prompt_logprobs):
     return extract_with_token_logprobs
 
 
-def _patch(module) -> None:
+def patch_server_module(module) -> None:
     if not getattr(module.extract_prompt_logprobs, "verl_npd_patched", False):
         module.extract_prompt_logprobs = _wrap(module.extract_prompt_logprobs)
 
 
-class PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Wraps ``extract_prompt_logprobs`` in module ``module_name`` right after it is first imported."""
-
-    def __init__(self, module_name: str):
-        self.module_name = module_name
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.module_name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_patch(module):
-            exec_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_then_patch
-        return spec
-
-
 def register() -> None:
-    from verl_npd.platform.verl_patches import apply_once
-
-    def apply() -> None:
-        if VLLM_SERVER_MODULE in sys.modules:
-            _patch(sys.modules[VLLM_SERVER_MODULE])
-        elif importlib.util.find_spec("vllm") is not None:
-            sys.meta_path.insert(0, PatchAfterImport(VLLM_SERVER_MODULE))
-
-    apply_once("vllm_prompt_token_logprobs", apply)
+    if VLLM_SERVER_MODULE in sys.modules or importlib.util.find_spec("vllm") is not None:
+        apply_once_when_imported("vllm_prompt_token_logprobs", VLLM_SERVER_MODULE, patch_server_module)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
+from verl_npd.losses.distill import NPDLossConfig
 from verl_npd.rollout.buffer import check_staleness_bound
 
 
@@ -154,6 +155,30 @@ class PackingConfig:
             raise ValueError(f"npd.packing.token_budget must be >= 1, got {self.token_budget}")
 
 
+def _loss_field(name: str):
+    """A field of ``npd.loss`` with the default and help of the loss's own config (losses/distill.py)."""
+    loss_field = NPDLossConfig.__dataclass_fields__[name]
+    return field(default=loss_field.default, metadata=loss_field.metadata)
+
+
+@dataclass
+class LossConfig:
+    """``npd.loss``: the distillation loss's settings besides the two that are verl's own fields,
+    ``distillation.distillation_loss.loss_mode`` (the divergence: npd_forward_kl_topk, npd_reverse_kl_topk,
+    npd_jsd, npd_ce) and ``.topk``. verl's loss config rejects other fields, so ``main_npd`` hands
+    these to the training workers in the environment variable ``VERL_NPD_LOSS`` (see README)."""
+
+    tail_mode: str = _loss_field("tail_mode")
+    beta: float = _loss_field("beta")
+    chunk_size: int = _loss_field("chunk_size")
+
+    def __post_init__(self):
+        try:
+            NPDLossConfig(tail_mode=self.tail_mode, beta=self.beta, chunk_size=self.chunk_size)
+        except ValueError as e:
+            raise ValueError(f"npd.loss.{e}") from None
+
+
 @dataclass
 class NPDConfig:
     """``npd``: Near-Policy Distillation settings (see docs/algorithm.md)."""
@@ -181,6 +206,7 @@ class NPDConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     filter: DeltaIFDFilterConfig = field(default_factory=DeltaIFDFilterConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):
@@ -205,6 +231,7 @@ class NPDConfig:
             "generation": _from_mapping(GenerationConfig, values.pop("generation", None), "npd.generation"),
             "filter": DeltaIFDFilterConfig.from_mapping(values.pop("filter", None) or {}),
             "packing": _from_mapping(PackingConfig, values.pop("packing", None), "npd.packing"),
+            "loss": _from_mapping(LossConfig, values.pop("loss", None), "npd.loss"),
             "teacher": _from_mapping(TeacherConfig, values.pop("teacher", None), "npd.teacher"),
         }
         return _from_mapping(cls, {**values, **nested}, "npd")

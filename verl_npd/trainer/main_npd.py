@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+import warnings
 
 import hydra
 import ray
@@ -146,6 +148,29 @@ class GracefulStop:
         os._exit(128 + self.signum)
 
 
+# verl/workers/engine/__init__.py:32-69 warns, in every process that imports it, about each optional
+# engine backend that is not installed (torchtitan, veomni, automodel, mindspeed, megatron): lines
+# that bury real output. Silenced in main_npd's processes only: the driver, and its Ray job's workers.
+ENGINE_WARNINGS_MODULE = "verl.workers.engine"
+
+
+def set_job_environment(config: DictConfig) -> None:
+    """What every process of the Ray job gets in its environment, through verl's
+    ``ray_kwargs.ray_init.runtime_env`` (which reaches workers on every node): ``npd.loss`` as
+    ``VERL_NPD_LOSS``, the bridge into verl's training workers, whose loss config has no room for
+    it; and the warnings filter above."""
+    from verl_npd.losses.verl_registration import ENV_VAR, env_value
+    from verl_npd.trainer.config import NPDConfig
+
+    loss = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True)).loss
+    env_vars = "ray_kwargs.ray_init.runtime_env.env_vars"
+    OmegaConf.update(config, f"{env_vars}.{ENV_VAR}", env_value(loss), force_add=True)
+    quiet = f"ignore::UserWarning:{ENGINE_WARNINGS_MODULE}"
+    inherited = OmegaConf.select(config, f"{env_vars}.PYTHONWARNINGS") or os.environ.get("PYTHONWARNINGS")
+    warnings_filters = f"{inherited},{quiet}" if inherited else quiet
+    OmegaConf.update(config, f"{env_vars}.PYTHONWARNINGS", warnings_filters, force_add=True)
+
+
 def run_npd(config: DictConfig) -> dict:
     """Check the config, run the trainer in Ray, print and return the summary."""
     from verl.trainer.main_ppo import run_ppo
@@ -153,6 +178,7 @@ def run_npd(config: DictConfig) -> dict:
 
     auto_set_device(config)
     preflight(config)
+    set_job_environment(config)
     ask_for_hf_weights(config)
     if get_device_name() == "cpu":
         try:
@@ -197,6 +223,7 @@ def run_npd(config: DictConfig) -> dict:
 
 @hydra.main(config_path="../config", config_name="npd_trainer", version_base=None)
 def main(config: DictConfig) -> None:
+    warnings.filterwarnings("ignore", category=UserWarning, module=re.escape(ENGINE_WARNINGS_MODULE) + r"\Z")
     try:
         run_npd(config)
     except PreflightError as e:

@@ -396,7 +396,7 @@ def check_resources(config: DictConfig) -> None:
     (none for a teacher served at ``npd.teacher.url``).
 
     Joining a running cluster (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``), the cluster's
-    own resources count; they are checked when verl places its pools (``apply_resource_fail_fast``).
+    own resources count; they are checked when verl places its pools (:mod:`verl_npd.platform.resource_check`).
     """
     from verl.utils.device import get_device_name
 
