@@ -141,9 +141,9 @@ def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
     import verl  # noqa: F401  (the plugin: the ${npd_toy:...} resolvers the config names)
-    from verl_npd.trainer.main_npd import __file__ as main_file
+    from verl_npd.main_npd import __file__ as main_file
 
-    config_dir = str(__import__("pathlib").Path(main_file).parents[1] / "config")
+    config_dir = str(__import__("pathlib").Path(main_file).parent / "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="npd_trainer", overrides=overrides)
 
