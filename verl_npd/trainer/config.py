@@ -8,20 +8,24 @@ dataclasses that reject unknown fields, which is why NPD's settings live under a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
 from verl_npd.rollout.buffer import check_staleness_bound
 
 
-def _from_mapping(cls, values: Mapping | None, prefix: str):
-    """Build dataclass ``cls`` from a mapping, naming unknown keys with their full config path."""
+def from_mapping(cls, values: Mapping | None, prefix: str):
+    """Build dataclass ``cls`` from a plain mapping, its nested dataclass fields from nested
+    mappings, naming unknown keys with their full config path (``npd.buffer: unknown field(s) ...``)."""
     values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{prefix}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    for name, spec in known.items():
+        nested = spec.default_factory
+        if name in values and nested is not MISSING and is_dataclass(nested):
+            values[name] = from_mapping(nested, values[name], f"{prefix}.{name}")
     return cls(**values)
 
 
@@ -198,13 +202,5 @@ class NPDConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> NPDConfig:
-        values = dict(values or {})
-        nested: dict[str, Any] = {
-            "buffer": _from_mapping(BufferConfig, values.pop("buffer", None), "npd.buffer"),
-            "adaptive_sync": _from_mapping(AdaptiveSyncConfig, values.pop("adaptive_sync", None), "npd.adaptive_sync"),
-            "generation": _from_mapping(GenerationConfig, values.pop("generation", None), "npd.generation"),
-            "filter": DeltaIFDFilterConfig.from_mapping(values.pop("filter", None) or {}),
-            "packing": _from_mapping(PackingConfig, values.pop("packing", None), "npd.packing"),
-            "teacher": _from_mapping(TeacherConfig, values.pop("teacher", None), "npd.teacher"),
-        }
-        return _from_mapping(cls, {**values, **nested}, "npd")
+        return from_mapping(cls, values, "npd")
+

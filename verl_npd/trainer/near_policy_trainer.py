@@ -38,7 +38,7 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import left_right_2_no_padding
 
-from verl_npd.filters import get_sample_filter
+from verl_npd.filters.delta_ifd import DeltaIFDFilter
 from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
 from verl_npd.platform.verl_patches import MICRO_BATCH_KEY
 from verl_npd.losses.packing import pack_for_ranks, packing_efficiency, rank_major_order
@@ -177,7 +177,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             teacher_scorers=self._teacher_scorers(pool),
             teacher_topk=self.config.distillation.distillation_loss.topk,
             buffer=self.buffer,
-            sample_filter=get_sample_filter("delta_ifd")(self.npd.filter),
+            sample_filter=DeltaIFDFilter(self.npd.filter),
             prompt_fn=self._prompt_item,
             stream=self.stream,
             header_ids=TokenizerInfo.from_tokenizer(self.tokenizer).header_ids,
