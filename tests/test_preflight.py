@@ -75,20 +75,32 @@ def test_bad_config_fails_fast_naming_the_field(toy_world, overrides, expected):
     assert elapsed < 120
 
 
-def test_teacher_student_vocabulary_mismatch_prints_both_sizes(toy_world, tmp_path):
+def test_one_tokenizer_check_rejects_the_pair_in_preflight_and_in_the_score_cli(toy_world, tmp_path, capsys):
+    """A student whose vocabulary is not the teacher's: main_npd's preflight and the scoring CLI both
+    refuse it, each naming both vocabulary sizes, by the same rule."""
+    from transformers import AutoTokenizer
+
+    from verl_npd.score import main as score_main
+
     other_student = tmp_path / "student"
     tokenizer = build_tiny_tokenizer(other_student)
     build_tiny_qwen2(other_student, vocab_size=len(tokenizer))
+    teacher_size = len(AutoTokenizer.from_pretrained(toy_world.teacher_dir).get_vocab())
+    student_size = len(tokenizer.get_vocab())
+    assert teacher_size != student_size
+
     result = run_module("verl_npd.main_npd", [f"actor_rollout_ref.model.path={other_student}"], timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert "vocabularies differ" in line
-    from transformers import AutoTokenizer
+    assert line.startswith("verl-npd: distillation.teacher_models.teacher_model.model_path: "), line
+    assert f"teacher and student tokenizers differ: vocab sizes teacher {teacher_size} vs student {student_size}" in line
 
-    teacher_size = len(AutoTokenizer.from_pretrained(toy_world.teacher_dir))
-    student_size = len(AutoTokenizer.from_pretrained(str(other_student)))
-    assert teacher_size != student_size
-    assert f"teacher {teacher_size} tokens, student {student_size} tokens" in line
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "Answer: 2"}) + "\n")
+    args = ["--teacher", toy_world.teacher_dir, "--student", str(other_student), "--data", str(data)]
+    assert score_main([*args, "--out", str(tmp_path / "scored.jsonl")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--teacher and --student tokenizers differ: vocab sizes --teacher {teacher_size} vs --student {student_size}" in line
 
 
 def test_overlong_prompts_are_counted_when_they_are_skipped(toy_world):
