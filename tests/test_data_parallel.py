@@ -96,26 +96,22 @@ BUDGET = 96
 
 
 def actor_config(student_dir: str):
-    """The NPD default config's actor, with plain SGD (no clipping): the weights after one step are
+    """The toy demo's actor (main_npd's default config), with plain SGD (no clipping): the weights after one step are
     then w - lr * gradient, which a reference can compute directly. (Adam's first step is about
     lr * sign(gradient), blind to how the loss is scaled.)"""
-    import verl  # noqa: F401  (the plugin registers the ${npd_toy:...} resolvers)
-    from hydra import compose, initialize_config_dir
+    from conftest import TOY_CONFIG, compose
 
-    from conftest import REPO
-
-    with initialize_config_dir(config_dir=f"{REPO}/verl_npd/config", version_base=None):
-        return compose(
-            config_name="npd_trainer",
-            overrides=[
-                f"actor_rollout_ref.model.path={student_dir}",
-                "actor_rollout_ref.actor.optim.optimizer=SGD",
-                f"actor_rollout_ref.actor.optim.lr={LR}",
-                "actor_rollout_ref.actor.optim.clip_grad=1e9",
-                "actor_rollout_ref.actor.optim.total_training_steps=1",
-                "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
-            ],
-        )
+    return compose(
+        *TOY_CONFIG,
+        [
+            f"actor_rollout_ref.model.path={student_dir}",
+            "actor_rollout_ref.actor.optim.optimizer=SGD",
+            f"actor_rollout_ref.actor.optim.lr={LR}",
+            "actor_rollout_ref.actor.optim.clip_grad=1e9",
+            "actor_rollout_ref.actor.optim.total_training_steps=1",
+            "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
+        ],
+    )
 
 
 def update_on_ranks(config, samples, ranks: int, out_dir) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_module
+from conftest import REPO, TOY_CONFIG, compose, run_module
 
 from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
 
@@ -130,7 +130,7 @@ def test_bad_dataset_is_named(toy_world, tmp_path, problem):
 
 @pytest.mark.parametrize(
     "config_dir, config_name",
-    [("verl_npd/config", "npd_trainer")]
+    [TOY_CONFIG]
     + [(f"recipes/{recipe}/config", "npd") for recipe in sorted(os.listdir(os.path.join(REPO, "recipes")))
        if os.path.isfile(os.path.join(REPO, "recipes", recipe, "config", "npd.yaml"))],
 )
@@ -138,14 +138,38 @@ def test_shipped_configs_pass_verl_config_check(toy_world, config_dir, config_na
     """verl's dataclasses accept every config we ship (with our loss modes, engines and patches in
     place). The GPU recipes' hub models are not here: the student is the toy's, as verl loads its
     tokenizer and config while building the model section."""
-    from hydra import compose, initialize_config_dir
-
     from verl_npd.trainer.preflight import check_verl_config
 
-    overrides = [] if config_name == "npd_trainer" else [f"actor_rollout_ref.model.path={toy_world.student_dir}"]
-    with initialize_config_dir(config_dir=os.path.join(REPO, config_dir), version_base=None):
-        config = compose(config_name=config_name, overrides=overrides)
-    check_verl_config(config)
+    overrides = [] if config_name == TOY_CONFIG[1] else [f"actor_rollout_ref.model.path={toy_world.student_dir}"]
+    check_verl_config(compose(config_dir, config_name, overrides))
+
+
+def test_the_base_config_alone_names_what_it_leaves_unset():
+    """npd_trainer.yaml names no model, data or rollout engine: run as it is, preflight lists them."""
+    from verl_npd.trainer.preflight import PreflightError, preflight
+
+    config = compose("verl_npd/config", "npd_trainer", ["hydra.searchpath=[pkg://verl.trainer.config]"])
+    expected = (
+        "the config does not set actor_rollout_ref.model.path, actor_rollout_ref.rollout.name, data.train_files, "
+        "data.val_files, distillation.teacher_models.teacher_model.model_path: npd_trainer.yaml is a base"
+    )
+    with pytest.raises(PreflightError, match=re.escape(expected)):
+        preflight(config)
+    # Set on the command line instead, they pass this check (and fail on the next one: no such file).
+    named = compose(
+        "verl_npd/config",
+        "npd_trainer",
+        [
+            "hydra.searchpath=[pkg://verl.trainer.config]",
+            "actor_rollout_ref.model.path=/nowhere/student",
+            "actor_rollout_ref.rollout.name=npd_cpu",
+            "data.train_files=/nowhere/train.parquet",
+            "data.val_files=/nowhere/val.parquet",
+            "distillation.teacher_models.teacher_model.model_path=/nowhere/teacher",
+        ],
+    )
+    with pytest.raises(PreflightError, match=re.escape("actor_rollout_ref.model.path: model directory '/nowhere/student' does not exist")):
+        preflight(named)
 
 
 def test_model_directory_without_tokenizer_and_weights_is_named(toy_world, tmp_path):

@@ -1,13 +1,15 @@
 """``python -m verl_npd.main_npd``: Near-Policy Distillation through verl.
 
-With no arguments it distils the embedded toy teacher into the toy student on this machine's CPU
-(the toy world is built on first use and cached). Any verl or ``npd.*`` setting can be overridden
-on the command line, Hydra-style, e.g. ``npd.sync_interval=4 trainer.logger='[console,tensorboard]'``;
-``--config-path/--config-name`` select another recipe (see ``recipes/``).
+With no arguments it runs the toy demo (``config/npd_toy.yaml``): it distils the embedded toy
+teacher into the toy student on this machine's CPU (the toy world is built on first use and
+cached). Any verl or ``npd.*`` setting can be overridden on the command line, Hydra-style, e.g.
+``npd.sync_interval=4 trainer.logger='[console,tensorboard]'``; ``--config-path/--config-name``
+select another config that extends ``config/npd_trainer.yaml`` (see ``recipes/``).
 
-Flow: compose verl's ``ppo_trainer`` config plus the ``npd:`` section, check everything that can
-be checked before any Ray actor starts (so a bad run fails in seconds with a message naming the
-field, never hangs), then let verl's ``run_ppo`` start Ray and our task runner.
+Flow: compose the config (verl's ``ppo_trainer``, NPD's base and the ``npd:`` section), check
+everything that can be checked before any Ray actor starts (so a bad run fails in seconds with a
+message naming the field, never hangs), resolve it here, then let verl's ``run_ppo`` start Ray and
+our task runner.
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from verl_npd.platform.cpu_threads import share_cores
+from verl_npd.toy.resolvers import register as register_toy_resolvers
 from verl_npd.trainer.console import LOG_NAME, LiveProgress, output_to_log
 from verl_npd.trainer.preflight import PreflightError, preflight
 from verl_npd.trainer.student_export import ask_for_hf_weights
+from verl_npd.trainer.config import store_npd_defaults
 from verl_npd.trainer.summary import format_summary
+
+# Before Hydra composes: the npd: section's defaults, and the ${npd_toy:...} resolvers of the
+# default config (the toy demo). Only this process needs the resolvers: run_npd resolves the config
+# before Ray starts.
+store_npd_defaults()
+register_toy_resolvers()
 
 
 @ray.remote(max_concurrency=3)  # other threads take request_stop() and progress() while run() trains
@@ -153,6 +163,7 @@ def run_npd(config: DictConfig) -> dict:
 
     auto_set_device(config)
     preflight(config)
+    OmegaConf.resolve(config)
     ask_for_hf_weights(config)
     if get_device_name() == "cpu":
         try:
@@ -195,7 +206,7 @@ def run_npd(config: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="config", config_name="npd_trainer", version_base=None)
+@hydra.main(config_path="config", config_name="npd_toy", version_base=None)
 def main(config: DictConfig) -> None:
     try:
         run_npd(config)

@@ -25,7 +25,6 @@ REGISTRATION_MODULES = (
     "verl_npd.rollout.vllm_prompt_logprobs",
     "verl_npd.rollout.gloo_checkpoint_engine",
     "verl_npd.losses.verl_registration",
-    "verl_npd.toy.resolvers",
 )
 
 

@@ -8,7 +8,7 @@ dataclasses that reject unknown fields, which is why NPD's settings live under a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
 from verl_npd.rollout.buffer import check_staleness_bound
@@ -180,6 +180,13 @@ class NPDConfig:
         default=600.0,
         metadata={"help": "On SIGTERM/SIGINT, seconds to finish the current step and checkpoint before exiting."},
     )
+    teacher_accuracy: float | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's validation accuracy when known (the toy demo passes the one measured when its "
+            "teacher was built): a reference line in the summary and accuracy.png; null: not shown."
+        },
+    )
     buffer: BufferConfig = field(default_factory=BufferConfig)
     adaptive_sync: AdaptiveSyncConfig = field(default_factory=AdaptiveSyncConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -192,6 +199,8 @@ class NPDConfig:
             raise ValueError(f"npd.total_steps must be >= 1, got {self.total_steps}")
         if self.shutdown_timeout_s <= 0:
             raise ValueError(f"npd.shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
+        if self.teacher_accuracy is not None and not 0.0 <= self.teacher_accuracy <= 1.0:
+            raise ValueError(f"npd.teacher_accuracy must lie in [0, 1] (or be null), got {self.teacher_accuracy}")
         check_staleness_bound(self.sync_interval, self.buffer.max_staleness)
         if self.filter.mode == "student_lag":
             raise ValueError(
@@ -204,3 +213,15 @@ class NPDConfig:
     def from_mapping(cls, values: Mapping | None) -> NPDConfig:
         return from_mapping(cls, values, "npd")
 
+
+NPD_DEFAULTS_CONFIG = "npd_defaults"
+
+
+def store_npd_defaults() -> None:
+    """Put the ``npd:`` section with :class:`NPDConfig`'s defaults in Hydra's config store as
+    ``npd_defaults``, which ``npd_trainer.yaml`` lists in its defaults: the dataclass is the one
+    source of every NPD default. A plain mapping, not a structured config, so that a wrong key or
+    value reaches :meth:`NPDConfig.from_mapping` (the preflight), which names it with its full key."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=NPD_DEFAULTS_CONFIG, node={"npd": asdict(NPDConfig())})

@@ -22,7 +22,8 @@ def preflight(config: DictConfig) -> None:
     from verl_npd.trainer.config import NPDConfig
 
     if "npd" not in config:
-        raise PreflightError("the config has no 'npd' section; start from verl_npd/config/npd_trainer.yaml")
+        raise PreflightError("the config has no 'npd' section; extend verl_npd/config/npd_trainer.yaml")
+    check_named(config)
     try:
         NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
     except (ValueError, TypeError) as e:
@@ -60,6 +61,26 @@ def preflight(config: DictConfig) -> None:
     check_standalone_rollout(config.actor_rollout_ref.rollout)
     check_behaviour_log_probs(config.actor_rollout_ref.rollout)
     check_resources(config)
+
+
+def check_named(config: DictConfig) -> None:
+    """What the base config leaves to the config extending it is set: the models and data (null in
+    npd_trainer.yaml) and the rollout engine (``???`` in verl's ppo_trainer)."""
+    required = ["actor_rollout_ref.model.path", "actor_rollout_ref.rollout.name", "data.train_files", "data.val_files"]
+    required += [f"distillation.teacher_models.{key}.model_path" for key in config.distillation.teacher_models]
+    unset = [key for key in required if _unset(config, key)]
+    if unset:
+        raise PreflightError(
+            f"the config does not set {', '.join(unset)}: npd_trainer.yaml is a base that names no model, data "
+            "or rollout engine; extend it (as verl_npd/config/npd_toy.yaml and the recipes do) or set them "
+            "on the command line"
+        )
+
+
+def _unset(config: DictConfig, key: str) -> bool:
+    parent, name = key.rsplit(".", 1)
+    node = OmegaConf.select(config, parent)
+    return OmegaConf.is_missing(node, name) or node[name] in (None, "")
 
 
 def check_behaviour_log_probs(rollout: DictConfig) -> None:
