@@ -10,6 +10,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The toy demo, main_npd's default config.
+TOY_CONFIG = ("verl_npd/config", "npd_toy")
+
 # Small and fast main_npd runs: 16 prompts per step, validation on 64 prompts.
 FAST = ["data.train_batch_size=16", "data.val_max_samples=64", "trainer.logger=[console]"]
 
@@ -19,6 +22,21 @@ def toy_world():
     from verl_npd.toy import ensure_toy_world
 
     return ensure_toy_world(quiet=True)
+
+
+def compose(folder: str, name: str, overrides=()):
+    """Compose a config (``folder`` absolute or relative to the repo) as main_npd does: with the ``npd:``
+    section's defaults in Hydra's store and the toy's ``${npd_toy:...}`` resolvers registered."""
+    import verl  # noqa: F401  (the plugin: our loss modes, engines and patches, for verl's checks)
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from verl_npd.toy.resolvers import register
+    from verl_npd.trainer.config import store_npd_defaults
+
+    store_npd_defaults()
+    register()
+    with initialize_config_dir(config_dir=os.path.join(REPO, folder), version_base=None):
+        return hydra_compose(config_name=name, overrides=list(overrides))
 
 
 def run_module(module: str, args: list[str], timeout: float = 900, env: dict | None = None):

@@ -13,8 +13,7 @@ import os
 
 import pytest
 import yaml
-from conftest import run_module
-from hydra import compose, initialize_config_dir
+from conftest import compose, run_module
 from omegaconf import OmegaConf
 
 from verl_npd.bench import readers, report
@@ -255,17 +254,10 @@ def test_a_failed_seed_is_reported_and_left_out_of_the_mean():
 # ---- what a seed varies, and that every method gets it ---------------------------------------------
 
 
-def _composed(config_dir, config_name, overrides):
-    import verl  # noqa: F401  (the plugin's ${npd_toy:...} resolvers; composing resolves nothing)
-
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name=config_name, overrides=overrides)
-
-
 def test_npd_and_opd_runs_get_the_same_seed_run_size_and_training_settings():
     recipe = Recipe.toy_cpu()
-    npd = _composed(recipe.npd_config_dir, recipe.npd_config_name, run_overrides("npd", TOY_FULL, "/v.parquet", 2))
-    opd = _composed(recipe.opd_config_dir, recipe.opd_config_name, run_overrides("verl", TOY_FULL, "/v.parquet", 2))
+    npd = compose(recipe.npd_config_dir, recipe.npd_config_name, run_overrides("npd", TOY_FULL, "/v.parquet", 2))
+    opd = compose(recipe.opd_config_dir, recipe.opd_config_name, run_overrides("verl", TOY_FULL, "/v.parquet", 2))
     for config in (npd, opd):
         assert config.data.seed == 2 and config.actor_rollout_ref.rollout.seed == 2
         assert config.trainer.test_freq == TOY_FULL.test_freq and config.data.val_files == "/v.parquet"

@@ -147,22 +147,21 @@ def actor_config(config_dir: str, config_name: str, student_dir: str, overrides:
     """A config's actor, with plain SGD (no clipping): the weights after one step are then
     w - lr * gradient, which a reference can compute directly. (Adam's first step is about
     lr * sign(gradient), blind to how the loss is scaled.)"""
-    import verl  # noqa: F401  (the plugin registers the ${npd_toy:...} resolvers)
-    from hydra import compose, initialize_config_dir
+    from conftest import compose
 
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(
-            config_name=config_name,
-            overrides=[
-                f"actor_rollout_ref.model.path={student_dir}",
-                "actor_rollout_ref.actor.optim.optimizer=SGD",
-                f"actor_rollout_ref.actor.optim.lr={LR}",
-                "actor_rollout_ref.actor.optim.clip_grad=1e9",
-                "actor_rollout_ref.actor.optim.total_training_steps=1",
-                "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
-                *overrides,
-            ],
-        )
+    return compose(
+        config_dir,
+        config_name,
+        [
+            f"actor_rollout_ref.model.path={student_dir}",
+            "actor_rollout_ref.actor.optim.optimizer=SGD",
+            f"actor_rollout_ref.actor.optim.lr={LR}",
+            "actor_rollout_ref.actor.optim.clip_grad=1e9",
+            "actor_rollout_ref.actor.optim.total_training_steps=1",
+            "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
+            *overrides,
+        ],
+    )
 
 
 @contextlib.contextmanager
@@ -298,9 +297,9 @@ def assert_weights_equal_reference(student_dir: str, expected: ReferenceStep, *u
 def test_one_update_is_the_same_on_one_and_two_ranks(toy_world, ray_session, tmp_path):
     """The global-token loss normalisation and the per-rank packing together: two FSDP ranks, each
     training its own packed bins, take the same step as one rank and as the plain-torch reference."""
-    from conftest import REPO
+    from conftest import TOY_CONFIG
 
-    config = actor_config(f"{REPO}/verl_npd/config", "npd_trainer", toy_world.student_dir)
+    config = actor_config(*TOY_CONFIG, toy_world.student_dir)
     samples, expected = samples_and_reference(config, toy_world.student_dir, seed=7)
     one, one_step = update_on_ranks(config, samples, 1, tmp_path / "one")
     two, two_step = update_on_ranks(config, samples, 2, tmp_path / "two")

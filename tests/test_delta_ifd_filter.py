@@ -1,17 +1,12 @@
-"""The Δ-IFD filter: band arithmetic against numpy by hand, reasons, metrics, config validation,
-and the sample-filter registry."""
-
-import subprocess
-import sys
+"""The Δ-IFD filter: band arithmetic against numpy by hand, reasons, metrics, config validation."""
 
 import numpy as np
 import pytest
 import torch
 
-from verl_npd.filters import build_sample_filter, get_sample_filter, register_sample_filter
 from verl_npd.filters.delta_ifd import DeltaIFDFilter, DeltaIFDFilterConfig, filter_delta_ifd
 from verl_npd.filters.ifd import DeltaIFD, TokenNLL, ifd_from_nll
-from verl_npd.filters.verl_registration import register
+from verl_npd.trainer.config import NPDConfig
 
 
 def window(values, status=None, num_tokens=None) -> DeltaIFD:
@@ -130,8 +125,8 @@ def ifd_scores(ifd_values, tokens=10):
 def test_teacher_ifd_ge_1_rule():
     teacher, behaviour = ifd_scores([0.5, 1.0, 1.2, 0.9]), ifd_scores([0.4, 0.4, 0.4, 0.4])
     wide = {"band": "absolute", "lo": -10.0, "hi": 10.0}
-    assert DeltaIFDFilter(wide)(teacher=teacher, behaviour=behaviour).keep.all()
-    decision = DeltaIFDFilter({**wide, "drop_teacher_ifd_ge_1": True})(teacher=teacher, behaviour=behaviour)
+    assert DeltaIFDFilter(DeltaIFDFilterConfig(**wide))(teacher=teacher, behaviour=behaviour).keep.all()
+    decision = DeltaIFDFilter(DeltaIFDFilterConfig(**wide, drop_teacher_ifd_ge_1=True))(teacher=teacher, behaviour=behaviour)
     assert decision.reasons == ("kept", "teacher_ifd_ge_1", "teacher_ifd_ge_1", "kept")
     assert decision.metrics["npd/drop/teacher_ifd_ge_1"] == 2
     assert decision.delta.values.tolist() == pytest.approx([0.1, 0.6, 0.8, 0.5])
@@ -141,14 +136,14 @@ def test_teacher_rule_does_not_move_the_quantile_band():
     teacher = ifd_scores(np.linspace(0.5, 1.5, 40).tolist())
     behaviour = ifd_scores([0.7] * 40)
     off = DeltaIFDFilter()(teacher=teacher, behaviour=behaviour)
-    on = DeltaIFDFilter({"drop_teacher_ifd_ge_1": True})(teacher=teacher, behaviour=behaviour)
+    on = DeltaIFDFilter(DeltaIFDFilterConfig(drop_teacher_ifd_ge_1=True))(teacher=teacher, behaviour=behaviour)
     assert on.band == off.band
     assert on.metrics["npd/drop/teacher_ifd_ge_1"] > 0
 
 
 def test_required_scores_and_missing_teacher():
     assert DeltaIFDFilter().required_scores == ("teacher", "behaviour")
-    lag = DeltaIFDFilter({"mode": "student_lag", "drop_teacher_ifd_ge_1": True})
+    lag = DeltaIFDFilter(DeltaIFDFilterConfig(mode="student_lag", drop_teacher_ifd_ge_1=True))
     assert lag.required_scores == ("student", "behaviour", "teacher")
     with pytest.raises(ValueError, match="drop_teacher_ifd_ge_1 needs the teacher"):
         lag(student=ifd_scores([0.5]), behaviour=ifd_scores([0.5]))
@@ -203,29 +198,8 @@ def test_config_validation_names_the_field(kwargs, field):
 
 def test_absolute_bounds_may_lie_outside_0_1_and_unknown_keys_are_named():
     assert DeltaIFDFilterConfig(band="absolute", lo=-5.0, hi=5.0).hi == 5.0
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['threshold'\]"):
-        DeltaIFDFilterConfig.from_mapping({"threshold": 1.0})
-
-
-# --- registry -------------------------------------------------------------------------------
-
-
-def test_registry_resolves_delta_ifd_and_is_idempotent():
-    register()
-    register()
-    assert get_sample_filter("delta_ifd") is DeltaIFDFilter
-    assert build_sample_filter(None).config == DeltaIFDFilterConfig()
-    off = build_sample_filter({"name": "delta_ifd", "enabled": False, "lo": 0.1})
-    assert isinstance(off, DeltaIFDFilter) and off.config.enabled is False and off.config.lo == 0.1
-    with pytest.raises(KeyError, match="unknown sample filter 'nope'.*delta_ifd"):
-        get_sample_filter("nope")
-    with pytest.raises(ValueError, match="already registered"):
-        register_sample_filter("delta_ifd", "somewhere.else:Filter")
-
-
-def test_register_is_cheap_and_does_not_import_torch():
-    code = (
-        "import sys; from verl_npd.filters.verl_registration import register; register(); register(); "
-        "assert 'torch' not in sys.modules, 'register() imported torch'"
+    with pytest.raises(ValueError, match=r"npd\.filter: unknown field\(s\) \['threshold'\]"):
+        NPDConfig.from_mapping({"filter": {"threshold": 1.0}})
+    assert NPDConfig.from_mapping({"filter": {"enabled": False, "lo": 0.1}}).filter == DeltaIFDFilterConfig(
+        enabled=False, lo=0.1
     )
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,11 +12,13 @@ import torch
 
 from verl_npd.eval import main as eval_main
 from verl_npd.eval import row_accuracy
-from verl_npd.toy.reward import compute_score
+from verl_npd.toy.reward import compute_score as toy_compute_score
 from verl_npd.toy.task import score as toy_score
 from verl_npd.trainer.student_export import publish_student
 
 ROWS = 24
+# The toy task's score function, as its configs give it to verl (reward.custom_reward_function).
+TOY_REWARD = ["--reward-path", "pkg://verl_npd.toy.reward"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_answers_and_scores_match_transformers_greedy_generate(toy_world, val_sl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "results.jsonl"
-    args = ["--model", toy_world.student_dir, "--data", val_slice, "--max-new-tokens", 40, "--out", out]
+    args = ["--model", toy_world.student_dir, "--data", val_slice, "--max-new-tokens", 40, "--out", out, *TOY_REWARD]
     code, stdout, _ = run_eval([*args, "--batch-size", 8], capsys)
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -59,9 +61,13 @@ def test_answers_and_scores_match_transformers_greedy_generate(toy_world, val_sl
 
 
 def test_the_recipes_data_sources_are_scored_by_verl():
-    assert row_accuracy(compute_score("openai/gsm8k", "so the answer is #### 42", "42")) == 1.0
-    assert row_accuracy(compute_score("openai/gsm8k", "#### 41", "42")) == 0.0
-    assert row_accuracy(compute_score("DigitalLearningGmbH/MATH-lighteval", r"so \boxed{\frac{1}{2}}", r"\frac12")) == 1.0
+    """verl's own scorers (eval's default), and the toy's function, which hands other sources to them."""
+    from verl.utils.reward_score import default_compute_score
+
+    for compute_score in (default_compute_score, toy_compute_score):
+        assert row_accuracy(compute_score("openai/gsm8k", "so the answer is #### 42", "42")) == 1.0
+        assert row_accuracy(compute_score("openai/gsm8k", "#### 41", "42")) == 0.0
+        assert row_accuracy(compute_score("DigitalLearningGmbH/MATH-lighteval", r"so \boxed{\frac{1}{2}}", r"\frac12")) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -70,7 +76,10 @@ def test_the_recipes_data_sources_are_scored_by_verl():
         ("no_model", "model directory not found"),
         ("no_prompt_column", "no column 'prompt'"),
         ("empty", "the dataset is empty"),
-        ("unknown_data_source", "data_source 'nowhere'"),
+        ("unknown_data_source", "data_source 'nowhere' has no scorer"),
+        # The toy's data without the toy's score function: verl has no scorer for its data source.
+        ("toy_data_without_its_reward", "data_source 'npd_toy_arith' has no scorer in verl.utils.reward_score; name its score function with --reward-path"),
+        ("unknown_reward_function", "--reward-path pkg://verl_npd.toy.reward --reward-name nope: AttributeError"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_error(case, expected, toy_world, val_slice, tmp_path, capsys):
@@ -84,11 +93,13 @@ def test_bad_input_exits_2_with_a_one_line_error(case, expected, toy_world, val_
     elif case == "empty":
         data = tmp_path / "data.parquet"
         pq.write_table(table.slice(0, 0), data)
-    else:
+    elif case == "unknown_data_source":
         data = tmp_path / "data.parquet"
         sources = pa.array(["nowhere"] * table.num_rows, pa.large_string())
         pq.write_table(table.set_column(table.column_names.index("data_source"), "data_source", sources), data)
-    code, stdout, stderr = run_eval(["--model", model, "--data", data, "--out", tmp_path / "r.jsonl"], capsys)
+    reward = {"toy_data_without_its_reward": [], "unknown_reward_function": [*TOY_REWARD, "--reward-name", "nope"]}
+    args = ["--model", model, "--data", data, "--out", tmp_path / "r.jsonl", *reward.get(case, TOY_REWARD)]
+    code, stdout, stderr = run_eval(args, capsys)
     assert code == 2 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1 and expected in stderr, stderr
     assert not (tmp_path / "r.jsonl").exists()

@@ -62,7 +62,8 @@ def check_the_exported_student(out, summary, stdout, final_validation, toy_world
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
 
     results = out / "eval.jsonl"
-    eval_args = ["--model", str(student), "--data", toy_world.val_parquet, "--max-new-tokens", "40", "--out", str(results)]
+    eval_args = ["--model", str(student), "--data", toy_world.val_parquet, "--max-new-tokens", "40", "--out", str(results),
+                 "--reward-path", "pkg://verl_npd.toy.reward"]  # fmt: skip
     evaluated = run_module("verl_npd.eval", eval_args, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     accuracy = json.loads(evaluated.stdout)["accuracy"]

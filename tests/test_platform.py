@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import TOY_CONFIG, compose
 
 from verl_npd.platform.resource_check import placement_shortfall
 
@@ -138,14 +139,7 @@ def test_resource_shortfall_fails_fast_instead_of_hanging():
 
 
 def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    import verl  # noqa: F401  (the plugin: the ${npd_toy:...} resolvers the config names)
-    from verl_npd.trainer.main_npd import __file__ as main_file
-
-    config_dir = str(__import__("pathlib").Path(main_file).parents[1] / "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name="npd_trainer", overrides=overrides)
+    return compose(*TOY_CONFIG, overrides)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_module
+from conftest import REPO, TOY_CONFIG, compose, run_module
 
 from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
 
@@ -76,20 +76,32 @@ def test_bad_config_fails_fast_naming_the_field(toy_world, overrides, expected):
     assert elapsed < 120
 
 
-def test_teacher_student_vocabulary_mismatch_prints_both_sizes(toy_world, tmp_path):
+def test_one_tokenizer_check_rejects_the_pair_in_preflight_and_in_the_score_cli(toy_world, tmp_path, capsys):
+    """A student whose vocabulary is not the teacher's: main_npd's preflight and the scoring CLI both
+    refuse it, each naming both vocabulary sizes, by the same rule."""
+    from transformers import AutoTokenizer
+
+    from verl_npd.score import main as score_main
+
     other_student = tmp_path / "student"
     tokenizer = build_tiny_tokenizer(other_student)
     build_tiny_qwen2(other_student, vocab_size=len(tokenizer))
+    teacher_size = len(AutoTokenizer.from_pretrained(toy_world.teacher_dir).get_vocab())
+    student_size = len(tokenizer.get_vocab())
+    assert teacher_size != student_size
+
     result = run_module("verl_npd.main_npd", [f"actor_rollout_ref.model.path={other_student}"], timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert "vocabularies differ" in line
-    from transformers import AutoTokenizer
+    assert line.startswith("verl-npd: distillation.teacher_models.teacher_model.model_path: "), line
+    assert f"teacher and student tokenizers differ: vocab sizes teacher {teacher_size} vs student {student_size}" in line
 
-    teacher_size = len(AutoTokenizer.from_pretrained(toy_world.teacher_dir))
-    student_size = len(AutoTokenizer.from_pretrained(str(other_student)))
-    assert teacher_size != student_size
-    assert f"teacher {teacher_size} tokens, student {student_size} tokens" in line
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "Answer: 2"}) + "\n")
+    args = ["--teacher", toy_world.teacher_dir, "--student", str(other_student), "--data", str(data)]
+    assert score_main([*args, "--out", str(tmp_path / "scored.jsonl")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--teacher and --student tokenizers differ: vocab sizes --teacher {teacher_size} vs --student {student_size}" in line
 
 
 def test_overlong_prompts_are_counted_when_they_are_skipped(toy_world):
@@ -119,7 +131,7 @@ def test_bad_dataset_is_named(toy_world, tmp_path, problem):
 
 @pytest.mark.parametrize(
     "config_dir, config_name",
-    [("verl_npd/config", "npd_trainer")]
+    [TOY_CONFIG]
     + [(f"recipes/{recipe}/config", "npd") for recipe in sorted(os.listdir(os.path.join(REPO, "recipes")))
        if os.path.isfile(os.path.join(REPO, "recipes", recipe, "config", "npd.yaml"))],
 )
@@ -127,14 +139,38 @@ def test_shipped_configs_pass_verl_config_check(toy_world, config_dir, config_na
     """verl's dataclasses accept every config we ship (with our loss modes, engines and patches in
     place). The GPU recipes' hub models are not here: the student is the toy's, as verl loads its
     tokenizer and config while building the model section."""
-    from hydra import compose, initialize_config_dir
-
     from verl_npd.trainer.preflight import check_verl_config
 
-    overrides = [] if config_name == "npd_trainer" else [f"actor_rollout_ref.model.path={toy_world.student_dir}"]
-    with initialize_config_dir(config_dir=os.path.join(REPO, config_dir), version_base=None):
-        config = compose(config_name=config_name, overrides=overrides)
-    check_verl_config(config)
+    overrides = [] if config_name == TOY_CONFIG[1] else [f"actor_rollout_ref.model.path={toy_world.student_dir}"]
+    check_verl_config(compose(config_dir, config_name, overrides))
+
+
+def test_the_base_config_alone_names_what_it_leaves_unset():
+    """npd_trainer.yaml names no model, data or rollout engine: run as it is, preflight lists them."""
+    from verl_npd.trainer.preflight import PreflightError, preflight
+
+    config = compose("verl_npd/config", "npd_trainer", ["hydra.searchpath=[pkg://verl.trainer.config]"])
+    expected = (
+        "the config does not set actor_rollout_ref.model.path, actor_rollout_ref.rollout.name, data.train_files, "
+        "data.val_files, distillation.teacher_models.teacher_model.model_path: npd_trainer.yaml is a base"
+    )
+    with pytest.raises(PreflightError, match=re.escape(expected)):
+        preflight(config)
+    # Set on the command line instead, they pass this check (and fail on the next one: no such file).
+    named = compose(
+        "verl_npd/config",
+        "npd_trainer",
+        [
+            "hydra.searchpath=[pkg://verl.trainer.config]",
+            "actor_rollout_ref.model.path=/nowhere/student",
+            "actor_rollout_ref.rollout.name=npd_cpu",
+            "data.train_files=/nowhere/train.parquet",
+            "data.val_files=/nowhere/val.parquet",
+            "distillation.teacher_models.teacher_model.model_path=/nowhere/teacher",
+        ],
+    )
+    with pytest.raises(PreflightError, match=re.escape("actor_rollout_ref.model.path: model directory '/nowhere/student' does not exist")):
+        preflight(named)
 
 
 def test_model_directory_without_tokenizer_and_weights_is_named(toy_world, tmp_path):
@@ -219,13 +255,10 @@ def test_the_students_ifd_terms_must_describe_one_distribution(rollout, accepted
 def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():
     """``npd.loss`` crosses into verl's training workers as ``VERL_NPD_LOSS`` in the job's runtime
     environment (what verl's ray.init passes to every worker), as do the engine warnings' filter."""
-    from hydra import compose, initialize_config_dir
-
     from verl_npd.losses.verl_registration import ENV_VAR
-    from verl_npd.trainer.main_npd import set_job_environment
+    from verl_npd.main_npd import set_job_environment
 
-    with initialize_config_dir(config_dir=f"{REPO}/verl_npd/config", version_base=None):
-        config = compose(config_name="npd_trainer", overrides=["npd.loss.tail_mode=bucket", "npd.loss.beta=0.9"])
+    config = compose(*TOY_CONFIG, ["npd.loss.tail_mode=bucket", "npd.loss.beta=0.9"])
     set_job_environment(config)
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
     assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9, "chunk_size": 4096}

@@ -8,24 +8,16 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, TOY_CONFIG, compose
 
 RECIPES = os.path.join(REPO, "recipes")
 # recipe -> (folder and name of its NPD config, folder of its OPD baseline config)
 PAIRS = {
     "qwen3_1.7b_from_8b_gsm8k_math": (("recipes/qwen3_1.7b_from_8b_gsm8k_math/config", "npd"), "recipes/qwen3_1.7b_from_8b_gsm8k_math/config"),
     "qwen2.5_0.5b_from_7b_gsm8k": (("recipes/qwen2.5_0.5b_from_7b_gsm8k/config", "npd"), "recipes/qwen2.5_0.5b_from_7b_gsm8k/config"),
-    # The toy NPD config is the package default.
-    "toy_cpu": (("verl_npd/config", "npd_trainer"), "recipes/toy_cpu/config"),
+    # The toy NPD config is main_npd's default.
+    "toy_cpu": (TOY_CONFIG, "recipes/toy_cpu/config"),
 }
-
-
-def compose(folder: str, name: str, overrides: tuple[str, ...] = ()):
-    import verl  # noqa: F401  (the plugin registers the ${npd_toy:...} resolvers)
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(REPO, folder), version_base=None):
-        return hydra_compose(config_name=name, overrides=list(overrides))
 
 
 def leaves(node, prefix: str = "") -> dict[str, object]:

@@ -5,9 +5,10 @@
 Each row's ``prompt`` (chat messages, or text as one user turn) is rendered with the model's chat
 template and answered greedily (verl's ``val_kwargs``: temperature 0), at most
 ``--max-new-tokens`` tokens. The answer, decoded without special tokens, is scored against
-``reward_model.ground_truth`` by the function verl-npd's recipes give verl's validation: the toy
-task's exact match, and verl's own scorers selected by ``data_source`` (GSM8K, MATH, ...; see
-``verl.utils.reward_score.default_compute_score``). A row's accuracy is what verl's core validation
+``reward_model.ground_truth`` as verl's validation scores it: by verl's own scorers, selected by
+``data_source`` (GSM8K, MATH, ...; see ``verl.utils.reward_score.default_compute_score``), or by the
+function a config gives verl as ``reward.custom_reward_function`` (``--reward-path``/``--reward-name``;
+the toy task's is ``pkg://verl_npd.toy.reward``). A row's accuracy is what verl's core validation
 metric averages: the score's ``acc`` when the scorer reports one, else the score.
 
 Generation: ``npd_cpu`` (verl-npd's batched CPU engine, fp32, as the toy's rollout) or vLLM's
@@ -63,6 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default={},
         help='JSON object for the chat template (verl\'s data.apply_chat_template_kwargs), e.g. \'{"enable_thinking": false}\'',
     )
+    parser.add_argument(
+        "--reward-path",
+        help="module of the score function, as verl's reward.custom_reward_function.path (e.g. "
+        "pkg://verl_npd.toy.reward); default: verl's scorers by data_source",
+    )
+    parser.add_argument(
+        "--reward-name", default="compute_score", help="the function in --reward-path (reward.custom_reward_function.name)"
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model/tokenizer code from the path")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -86,15 +95,31 @@ def reward_inputs(table) -> tuple[list[str], list[str], list[dict]]:
     return table.column("data_source"), ground_truths, [dict(e or {}) for e in extra_infos]
 
 
-def check_scorers(data_sources: list[str]) -> None:
-    """Fail before generating when a data source has no scorer (verl raises NotImplementedError)."""
-    from verl_npd.toy.reward import compute_score
+def score_function(args: argparse.Namespace):
+    """``--reward-path``'s function (loaded as verl loads ``reward.custom_reward_function``), else
+    verl's scorers by data source."""
+    if args.reward_path is None:
+        from verl.utils.reward_score import default_compute_score
 
+        return default_compute_score
+    from verl.utils.import_utils import load_extern_object
+
+    try:
+        return load_extern_object(args.reward_path, args.reward_name)
+    except Exception as e:  # noqa: BLE001 - a missing module or function is reported with the flag
+        raise InputError(f"--reward-path {args.reward_path} --reward-name {args.reward_name}: {one_line(e)}") from None
+
+
+def check_scorers(compute_score, data_sources: list[str]) -> None:
+    """Fail before generating when a data source has no scorer (verl raises NotImplementedError)."""
     for source in sorted(set(data_sources)):
         try:
             compute_score(source, "", "0")
         except NotImplementedError:
-            raise InputError(f"data_source {source!r} has no scorer in verl.utils.reward_score") from None
+            raise InputError(
+                f"data_source {source!r} has no scorer in verl.utils.reward_score; name its score function with "
+                "--reward-path (as the config's reward.custom_reward_function.path)"
+            ) from None
 
 
 def row_accuracy(result) -> float:
@@ -173,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     check_columns(table, args.prompt_column)
     messages = [to_messages(v, i, args.prompt_column) for i, v in enumerate(table.column(args.prompt_column))]
     data_sources, ground_truths, extra_infos = reward_inputs(table)
-    check_scorers(data_sources)
+    compute_score = score_function(args)
+    check_scorers(compute_score, data_sources)
 
     tokenizer = load_tokenizer(args.model, "--model", args.trust_remote_code)
     try:
@@ -182,8 +208,6 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError(f"--model {args.model}: cannot render the prompts with its chat template: {one_line(e)}") from None
     engine = choose_engine(args.engine)
     answers = generate_vllm(args, prompts) if engine == "vllm" else generate_npd_cpu(args, tokenizer, prompts)
-
-    from verl_npd.toy.reward import compute_score
 
     responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
     results = [

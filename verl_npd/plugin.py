@@ -30,8 +30,6 @@ REGISTRATION_MODULES = (
     "verl_npd.rollout.remote_teacher_agent_loop",
     "verl_npd.losses.packing_dispatch",
     "verl_npd.losses.verl_registration",
-    "verl_npd.filters.verl_registration",
-    "verl_npd.toy.resolvers",
 )
 
 

@@ -227,36 +227,12 @@ def check_model_dir(path: str, flag: str) -> None:
 
 
 def load_tokenizer(path: str, flag: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from verl_npd.tokenizers import TokenizerError, load_tokenizer as load
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
-        raise InputError(f"{flag} {path}: cannot load the tokenizer: {one_line(e)}") from None
-
-
-def tokenizer_mismatch(tokenizers: dict) -> str | None:
-    """Why the two tokenizers of ``{flag: tokenizer}`` cannot share token ids (None if they can).
-
-    Only the token -> id map matters: every model is fed the student tokenizer's ids. Special-token
-    roles (which token is unk, say) do not enter the scores, so they are not compared.
-    """
-    (name_a, a), (name_b, b) = tokenizers.items()
-    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
-    if vocab_a == vocab_b:
-        return None
-    differing = sorted(t for t in vocab_a.keys() | vocab_b.keys() if vocab_a.get(t) != vocab_b.get(t))
-    problem = f"vocab sizes {name_a} {len(vocab_a)} vs {name_b} {len(vocab_b)}, {len(differing)} tokens differ"
-    specials_a, specials_b = _special_tokens(a), _special_tokens(b)
-    if specials_a != specials_b:
-        only_a = {t: i for t, i in specials_a.items() if specials_b.get(t) != i}
-        only_b = {t: i for t, i in specials_b.items() if specials_a.get(t) != i}
-        return f"{problem}; differing special tokens: {name_a} {only_a} vs {name_b} {only_b}"
-    return f"{problem} (e.g. {differing[:3]})"
-
-
-def _special_tokens(tokenizer) -> dict[str, int]:
-    return {token.content: i for i, token in sorted(tokenizer.added_tokens_decoder.items()) if token.special}
+        return load(path, trust_remote_code)
+    except TokenizerError as e:
+        raise InputError(f"{flag}: {e}") from None
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -427,13 +403,15 @@ def run(args: argparse.Namespace) -> dict:
 def tokenize(models: dict[str, str], messages: list[list[dict]], responses: list[str], args):
     """(TokenizerInfo, Encoded) from the student tokenizer, after checking the others match it."""
     from verl_npd.filters.ifd import ChatTemplateError, TokenizerInfo
+    from verl_npd.tokenizers import TokenizerError, check_shared_token_ids
 
     tokenizers = {role: load_tokenizer(path, f"--{role}", args.trust_remote_code) for role, path in models.items()}
     student_tokenizer = tokenizers.pop("student")
     for role, tokenizer in tokenizers.items():
-        problem = tokenizer_mismatch({f"--{role}": tokenizer, "--student": student_tokenizer})
-        if problem:
-            raise InputError(f"--{role} and --student tokenizers differ: {problem}")
+        try:
+            check_shared_token_ids(tokenizer, student_tokenizer, f"--{role}", "--student")
+        except TokenizerError as e:
+            raise InputError(str(e)) from None
     try:
         info = TokenizerInfo.from_tokenizer(student_tokenizer)
         return info, encode_rows(student_tokenizer, messages, responses, args)

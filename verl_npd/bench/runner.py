@@ -111,8 +111,14 @@ class Benchmark:
 
     def _npd_config(self, seed: int):
         """The NPD config with the benchmark's scale and seed: what SFT copies its settings from."""
-        import verl  # noqa: F401  (loads the verl-npd plugin: the ${npd_toy:...} resolvers)
+        import verl  # noqa: F401  (loads the verl-npd plugin)
         from hydra import compose, initialize_config_dir
+
+        from verl_npd.toy.resolvers import register
+        from verl_npd.trainer.config import store_npd_defaults
+
+        store_npd_defaults()
+        register()
 
         with initialize_config_dir(config_dir=self.recipe.npd_config_dir, version_base=None):
             return compose(

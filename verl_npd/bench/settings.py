@@ -29,7 +29,7 @@ class Recipe:
     def toy_cpu(cls) -> Recipe:
         return cls(
             npd_config_dir=os.path.join(REPO_ROOT, "verl_npd", "config"),
-            npd_config_name="npd_trainer",
+            npd_config_name="npd_toy",
             opd_config_dir=os.path.join(REPO_ROOT, "recipes", "toy_cpu", "config"),
             opd_config_name="opd_baseline",
             toy=True,

@@ -24,8 +24,7 @@ below Q(lo) (and the largest above Q(hi)): a 2-sample window would lose both. Wi
 valid samples than ``min_window`` therefore skip the quantile band (``npd/band_applied`` = 0).
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,15 +117,6 @@ class DeltaIFDFilterConfig:
         if self.min_window < 1:
             raise ValueError(f"npd.filter.min_window: must be >= 1, got {self.min_window}")
 
-    @classmethod
-    def from_mapping(cls, values: Mapping) -> "DeltaIFDFilterConfig":
-        """Build from a plain or OmegaConf mapping, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"npd.filter: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**dict(values))
-
 
 @dataclass(frozen=True)
 class FilterDecision:
@@ -140,16 +130,10 @@ class FilterDecision:
 
 
 class DeltaIFDFilter:
-    """The Δ-IFD filter as a registered sample filter: ``DeltaIFDFilter(config)(teacher=..., ...)``."""
+    """The Δ-IFD filter of one config: ``DeltaIFDFilter(config)(teacher=..., behaviour=...)``."""
 
-    name = "delta_ifd"
-
-    def __init__(self, config: DeltaIFDFilterConfig | Mapping | None = None):
-        if config is None:
-            config = DeltaIFDFilterConfig()
-        elif not isinstance(config, DeltaIFDFilterConfig):
-            config = DeltaIFDFilterConfig.from_mapping(config)
-        self.config = config
+    def __init__(self, config: DeltaIFDFilterConfig | None = None):
+        self.config = config or DeltaIFDFilterConfig()
 
     @property
     def required_scores(self) -> tuple[str, ...]:

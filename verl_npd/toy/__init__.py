@@ -4,9 +4,9 @@
     world = ensure_toy_world()   # built on first use (a few CPU minutes), cached afterwards
     world.teacher_dir, world.student_dir, world.train_parquet, world.teacher_accuracy, ...
 
-Importing this package is cheap: the verl plugin imports ``verl_npd.toy.resolvers`` (which runs this
-file) at ``import verl`` time in every process, and verl's reward workers import the reward. The
-torch-backed helpers load on first attribute access.
+Importing this package is cheap: ``main_npd`` imports ``verl_npd.toy.resolvers`` (which runs this
+file) before it composes its config, and verl's reward workers import the reward. The torch-backed
+helpers load on first attribute access.
 """
 
 import importlib

@@ -8,21 +8,25 @@ dataclasses that reject unknown fields, which is why NPD's settings live under a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
 from verl_npd.losses.distill import NPDLossConfig
 from verl_npd.rollout.buffer import check_staleness_bound
 
 
-def _from_mapping(cls, values: Mapping | None, prefix: str):
-    """Build dataclass ``cls`` from a mapping, naming unknown keys with their full config path."""
+def from_mapping(cls, values: Mapping | None, prefix: str):
+    """Build dataclass ``cls`` from a plain mapping, its nested dataclass fields from nested
+    mappings, naming unknown keys with their full config path (``npd.buffer: unknown field(s) ...``)."""
     values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{prefix}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    for name, spec in known.items():
+        nested = spec.default_factory
+        if name in values and nested is not MISSING and is_dataclass(nested):
+            values[name] = from_mapping(nested, values[name], f"{prefix}.{name}")
     return cls(**values)
 
 
@@ -201,6 +205,13 @@ class NPDConfig:
         default=600.0,
         metadata={"help": "On SIGTERM/SIGINT, seconds to finish the current step and checkpoint before exiting."},
     )
+    teacher_accuracy: float | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's validation accuracy when known (the toy demo passes the one measured when its "
+            "teacher was built): a reference line in the summary and accuracy.png; null: not shown."
+        },
+    )
     buffer: BufferConfig = field(default_factory=BufferConfig)
     adaptive_sync: AdaptiveSyncConfig = field(default_factory=AdaptiveSyncConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -214,6 +225,8 @@ class NPDConfig:
             raise ValueError(f"npd.total_steps must be >= 1, got {self.total_steps}")
         if self.shutdown_timeout_s <= 0:
             raise ValueError(f"npd.shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
+        if self.teacher_accuracy is not None and not 0.0 <= self.teacher_accuracy <= 1.0:
+            raise ValueError(f"npd.teacher_accuracy must lie in [0, 1] (or be null), got {self.teacher_accuracy}")
         check_staleness_bound(self.sync_interval, self.buffer.max_staleness)
         if self.filter.mode == "student_lag":
             raise ValueError(
@@ -224,14 +237,17 @@ class NPDConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping | None) -> NPDConfig:
-        values = dict(values or {})
-        nested: dict[str, Any] = {
-            "buffer": _from_mapping(BufferConfig, values.pop("buffer", None), "npd.buffer"),
-            "adaptive_sync": _from_mapping(AdaptiveSyncConfig, values.pop("adaptive_sync", None), "npd.adaptive_sync"),
-            "generation": _from_mapping(GenerationConfig, values.pop("generation", None), "npd.generation"),
-            "filter": DeltaIFDFilterConfig.from_mapping(values.pop("filter", None) or {}),
-            "packing": _from_mapping(PackingConfig, values.pop("packing", None), "npd.packing"),
-            "loss": _from_mapping(LossConfig, values.pop("loss", None), "npd.loss"),
-            "teacher": _from_mapping(TeacherConfig, values.pop("teacher", None), "npd.teacher"),
-        }
-        return _from_mapping(cls, {**values, **nested}, "npd")
+        return from_mapping(cls, values, "npd")
+
+
+NPD_DEFAULTS_CONFIG = "npd_defaults"
+
+
+def store_npd_defaults() -> None:
+    """Put the ``npd:`` section with :class:`NPDConfig`'s defaults in Hydra's config store as
+    ``npd_defaults``, which ``npd_trainer.yaml`` lists in its defaults: the dataclass is the one
+    source of every NPD default. A plain mapping, not a structured config, so that a wrong key or
+    value reaches :meth:`NPDConfig.from_mapping` (the preflight), which names it with its full key."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=NPD_DEFAULTS_CONFIG, node={"npd": asdict(NPDConfig())})

@@ -38,7 +38,7 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import left_right_2_no_padding
 
-from verl_npd.filters import get_sample_filter
+from verl_npd.filters.delta_ifd import DeltaIFDFilter
 from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
 from verl_npd.losses.packing import pack_for_ranks, packing_efficiency, rank_major_order
 from verl_npd.losses.packing_dispatch import MICRO_BATCH_KEY
@@ -177,7 +177,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             teacher_scorers=self._teacher_scorers(pool),
             teacher_topk=self.config.distillation.distillation_loss.topk,
             buffer=self.buffer,
-            sample_filter=get_sample_filter("delta_ifd")(self.npd.filter),
+            sample_filter=DeltaIFDFilter(self.npd.filter),
             prompt_fn=self._prompt_item,
             stream=self.stream,
             header_ids=TokenizerInfo.from_tokenizer(self.tokenizer).header_ids,
@@ -232,7 +232,7 @@ class NearPolicyTrainer(RayPPOTrainer):
         self._load_checkpoint()
         first_step = self.global_steps
         summary = RunSummary(
-            output_dir=self.output_dir, resume_step=first_step, extra={"teacher_accuracy": self._teacher_accuracy()}
+            output_dir=self.output_dir, resume_step=first_step, extra={"teacher_accuracy": self.npd.teacher_accuracy}
         )
         self._sync_weights(self.global_steps)
 
@@ -333,13 +333,6 @@ class NearPolicyTrainer(RayPPOTrainer):
         except Exception:
             logger.exception("verl-npd: the checkpoint at step %d could not be saved", self.global_steps)
 
-    def _teacher_accuracy(self) -> float | None:
-        """Known only for the toy world's teacher (measured when it was built)."""
-        from verl_npd.toy.resolvers import known_teacher_accuracy
-
-        teachers = list(self.config.distillation.teacher_models.values())
-        return known_teacher_accuracy(teachers[0].model_path) if len(teachers) == 1 else None
-
     def _sync_weights(self, step: int) -> dict[str, float]:
         """Send the student's weights to the replicas that generate its samples."""
         start = time.perf_counter()
@@ -349,7 +342,7 @@ class NearPolicyTrainer(RayPPOTrainer):
         return {"timing/sync": time.perf_counter() - start, **engine_metrics}
 
     def _validate_student(self) -> dict[str, float]:
-        """verl's validation (toy reward / accuracy on held-out prompts) through the colocated
+        """verl's validation (the configured reward's accuracy on held-out prompts) through the colocated
         replicas. With standalone rollout they are synced to the trainer's current weights for it
         and sleep again after; otherwise they are the generating replicas and hold the last sync."""
         if not self.standalone_rollout:

@@ -11,6 +11,8 @@ import traceback
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_npd.tokenizers import TokenizerError, check_shared_token_ids, load_tokenizer
+
 
 class PreflightError(ValueError):
     """A configuration or input problem found before the run started."""
@@ -20,7 +22,8 @@ def preflight(config: DictConfig) -> None:
     from verl_npd.trainer.config import NPDConfig
 
     if "npd" not in config:
-        raise PreflightError("the config has no 'npd' section; start from verl_npd/config/npd_trainer.yaml")
+        raise PreflightError("the config has no 'npd' section; extend verl_npd/config/npd_trainer.yaml")
+    check_named(config)
     try:
         NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
     except (ValueError, TypeError) as e:
@@ -42,10 +45,15 @@ def preflight(config: DictConfig) -> None:
     }
     check_verl_config(config)
     trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
-    student_tokenizer = load_tokenizer(student_path, "student", trust)
+    try:
+        student_tokenizer = load_tokenizer(student_path, trust)
+    except TokenizerError as e:
+        raise PreflightError(f"actor_rollout_ref.model.path: {e}") from None
     for field_name, teacher_path in teacher_paths.items():
-        teacher_tokenizer = load_tokenizer(teacher_path, "teacher", trust)
-        check_same_vocabulary(student_tokenizer, teacher_tokenizer, field_name)
+        try:
+            check_shared_token_ids(load_tokenizer(teacher_path, trust), student_tokenizer)
+        except TokenizerError as e:
+            raise PreflightError(f"{field_name}: {e}") from None
     prompt_key = config.data.get("prompt_key", "prompt")
     for field_name in ("data.train_files", "data.val_files"):
         paths = check_data_files(field_name, config.data[field_name.split(".")[1]], prompt_key)
@@ -53,6 +61,26 @@ def preflight(config: DictConfig) -> None:
     check_standalone_rollout(config.actor_rollout_ref.rollout)
     check_behaviour_log_probs(config.actor_rollout_ref.rollout)
     check_resources(config)
+
+
+def check_named(config: DictConfig) -> None:
+    """What the base config leaves to the config extending it is set: the models and data (null in
+    npd_trainer.yaml) and the rollout engine (``???`` in verl's ppo_trainer)."""
+    required = ["actor_rollout_ref.model.path", "actor_rollout_ref.rollout.name", "data.train_files", "data.val_files"]
+    required += [f"distillation.teacher_models.{key}.model_path" for key in config.distillation.teacher_models]
+    unset = [key for key in required if _unset(config, key)]
+    if unset:
+        raise PreflightError(
+            f"the config does not set {', '.join(unset)}: npd_trainer.yaml is a base that names no model, data "
+            "or rollout engine; extend it (as verl_npd/config/npd_toy.yaml and the recipes do) or set them "
+            "on the command line"
+        )
+
+
+def _unset(config: DictConfig, key: str) -> bool:
+    parent, name = key.rsplit(".", 1)
+    node = OmegaConf.select(config, parent)
+    return OmegaConf.is_missing(node, name) or node[name] in (None, "")
 
 
 def check_behaviour_log_probs(rollout: DictConfig) -> None:
@@ -87,15 +115,6 @@ def check_standalone_rollout(rollout: DictConfig) -> None:
             "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot sync a standalone rollout "
             f"(actor_rollout_ref.rollout.nnodes={rollout.nnodes}); use nccl on GPUs or npd_gloo on CPU"
         )
-
-
-def load_tokenizer(path: str, which: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any load failure is reported with the path
-        raise PreflightError(f"cannot load the {which} tokenizer from {path!r}: {e}") from None
 
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -242,21 +261,6 @@ def first_named_field(section: DictConfig, text: str) -> str | None:
             if match:
                 found.append((match.start(), -len(str(name)), str(name)))
     return min(found)[2] if found else None
-
-
-def check_same_vocabulary(student, teacher, field_name: str) -> None:
-    """Distillation compares teacher and student distributions token by token: same vocabulary."""
-    if len(student) != len(teacher) or student.get_vocab() != teacher.get_vocab():
-        raise PreflightError(
-            f"{field_name}: teacher and student vocabularies differ (teacher {len(teacher)} tokens, "
-            f"student {len(student)} tokens); NPD needs one shared tokenizer"
-        )
-    for token in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        if getattr(student, token) != getattr(teacher, token):
-            raise PreflightError(
-                f"{field_name}: teacher and student disagree on {token} "
-                f"(teacher {getattr(teacher, token)}, student {getattr(student, token)})"
-            )
 
 
 def check_data_files(field_name: str, files, prompt_key: str) -> list[str]:
