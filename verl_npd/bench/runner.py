@@ -29,13 +29,10 @@ from verl_npd.bench.settings import REPO_ROOT, Recipe, Scale
 from verl_npd.platform.cpu_threads import share_cores
 
 
-def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
-    """Run ``command`` from the repo root with its output in ``log_path``; a progress bar follows the
-    steps it records. Returns (exit code, wall seconds). Ctrl-C stops it with its whole process group
-    (the method's Ray cluster included)."""
-    start = time.perf_counter()
+def _start(command: Command, log_path: str) -> subprocess.Popen:
+    """``command`` from the repo root, in a process group of its own, its output in ``log_path``."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command.argv,
             cwd=REPO_ROOT,
             env={**os.environ, **command.env},
@@ -43,19 +40,27 @@ def run_command(command: Command, log_path: str, total_steps: int | None, desc: 
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        # disable=None: no bar when the output is not a terminal (logs get the start/end lines only).
-        bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None)
-        try:
-            while process.poll() is None:
-                time.sleep(1.0)
-                if not bar.disable:
-                    bar.update(readers.steps_done(command.steps_file) - bar.n)
-        except KeyboardInterrupt:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise
-        finally:
-            bar.close()
+
+
+def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
+    """Run ``command`` from the repo root with its output in ``log_path``; a progress bar follows the
+    steps it records. Returns (exit code, wall seconds). Ctrl-C stops it with its whole process group
+    (the method's Ray cluster included)."""
+    start = time.perf_counter()
+    process = _start(command, log_path)
+    # disable=None: no bar when the output is not a terminal (logs get the start/end lines only).
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None)
+    try:
+        while process.poll() is None:
+            time.sleep(1.0)
+            if not bar.disable:
+                bar.update(readers.steps_done(command.steps_file) - bar.n)
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    finally:
+        bar.close()
     return process.returncode, time.perf_counter() - start
 
 
@@ -65,15 +70,7 @@ def serving(command: Command, port: int, log_path: str, timeout_s: float = 300.0
     ``GET /health`` on ``port``; yield its ``/v1`` URL and the seconds that took. The server is
     stopped (its process group, SIGTERM then SIGKILL) however the block ends."""
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command.argv,
-            cwd=REPO_ROOT,
-            env={**os.environ, **command.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = _start(command, log_path)
     base = f"http://127.0.0.1:{port}"
     try:
         while True:
