@@ -4,7 +4,9 @@ seeds, the target rule, the goals), and one miniature end-to-end run.
 
 The miniature runs one method per entry point (NPD, verl's main_ppo, verl's SFT trainer) with one
 seed: each Ray run costs about 1.5 minutes of start-up on 2 cores, so verl's colocate_async and the
-two NPD ablations, which reuse the same entry points and readers, are run by the full benchmark.
+NPD ablations, which reuse the same entry points and readers, are run by the full benchmark. So is
+npd_remote_teacher, whose own parts (its config against npd's, the served teacher's start, thread
+share and stop) are checked here without Ray.
 """
 
 import json
@@ -19,8 +21,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from verl_npd.bench import readers, report
-from verl_npd.bench.methods import SERVED_TEACHER_NAME, method_command, run_overrides, select_methods
-from verl_npd.bench.runner import Benchmark
+from verl_npd.bench.methods import (
+    SERVED_TEACHER_NAME,
+    free_port,
+    method_command,
+    run_overrides,
+    select_methods,
+    served_teacher_command,
+)
+from verl_npd.bench.runner import Benchmark, serving
 from verl_npd.bench.settings import TOY_FULL, TOY_MINI, Recipe
 from verl_npd.bench.toy_data import sampled_prompt_order
 
@@ -297,7 +306,8 @@ def test_served_teacher_run_differs_from_npd_only_in_where_its_teacher_is(tmp_pa
     for method, teacher_url in ((npd, None), (remote, url)):
         argv = method_command(method, recipe, TOY_FULL, "/v.parquet", 2, str(tmp_path), teacher_url).argv
         overrides = argv[argv.index("--config-name") + 2 :]
-        configs.append(_flat(OmegaConf.to_container(_composed(recipe.npd_config_dir, recipe.npd_config_name, overrides))))
+        composed = _composed(recipe.npd_config_dir, recipe.npd_config_name, overrides)
+        configs.append(_flat(OmegaConf.to_container(composed)))
     differences = {key: (configs[0].get(key), configs[1].get(key)) for key in configs[0].keys() | configs[1].keys()}
     differences = {key: pair for key, pair in differences.items() if pair[0] != pair[1]}
     # The same teacher (distillation.*), seed, run size and training settings; the job scores at the
@@ -358,6 +368,15 @@ def test_served_teacher_is_the_toy_teacher_with_a_replicas_thread_share_and_is_s
     torch.testing.assert_close(served.topk_ids[:-1], ids.int(), rtol=0, atol=0)
     torch.testing.assert_close(served.topk_log_probs[:-1], values, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.tensor(served.token_log_probs), actual, rtol=0, atol=1e-4)
+
+
+def test_a_served_teacher_that_does_not_start_fails_naming_its_url_and_why(tmp_path):
+    port = free_port()
+    command = served_teacher_command(str(tmp_path / "no-model"), port)
+    message = rf"the server at http://127.0.0.1:{port} exited with 2:\n(.|\n)*no-model is not a directory"
+    with pytest.raises(RuntimeError, match=message):
+        with serving(command, port, str(tmp_path / "server.log")):
+            pass
 
 
 def test_sft_prompts_are_seeded_epochs_of_the_whole_training_set():

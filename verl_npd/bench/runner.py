@@ -77,7 +77,7 @@ def serving(command: Command, port: int, log_path: str, timeout_s: float = 300.0
             if process.poll() is not None:
                 raise RuntimeError(f"the server at {base} exited with {process.returncode}:\n{_log_tail(log_path)}")
             if time.perf_counter() - start > timeout_s:
-                raise RuntimeError(f"the server at {base} did not answer within {timeout_s:.0f} s:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"the server at {base} did not answer in {timeout_s:.0f} s:\n{_log_tail(log_path)}")
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2):
                     break
