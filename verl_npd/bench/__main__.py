@@ -13,8 +13,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m verl_npd.bench",
         description="Compare NPD with verl's built-in on-policy distillation (sync and colocate_async), "
-        "SFT on teacher responses and two NPD ablations on the same task, hardware, budget and seeds; "
-        "writes results.json, results.md and plots.",
+        "SFT on teacher responses, NPD ablations and NPD with a served teacher on the same task, hardware, "
+        "budget and seeds; writes results.json, results.md and plots.",
     )
     parser.add_argument(
         "--methods",

@@ -28,6 +28,10 @@ class Method:
     overrides: tuple[str, ...] = ()
     # Runs verl's v1 trainer (gets the recipe's v1_overrides).
     v1: bool = False
+    # The teacher is served by ``python -m verl_npd.serve`` (started and stopped by the benchmark,
+    # ``served_teacher_command``) and the job scores through ``npd.teacher.url`` instead of a verl
+    # teacher replica of its own (toy only).
+    served_teacher: bool = False
 
 
 METHODS = (
@@ -49,6 +53,15 @@ METHODS = (
     Method("npd_sync1", "NPD, sync every step", "npd", ("npd.sync_interval=1",)),
     # The staleness bound before generation ran across syncs: what the extra staleness costs.
     Method("npd_staleness1", "NPD, max staleness 1", "npd", ("npd.buffer.max_staleness=1",)),
+    # What the decoupled teacher costs or saves: the same teacher behind an HTTP server, outside the
+    # job (which then reserves no logical GPU for it).
+    Method(
+        "npd_remote_teacher",
+        "NPD, teacher served over HTTP",
+        "npd",
+        ("ray_kwargs.ray_init.num_gpus=1",),
+        served_teacher=True,
+    ),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 # What the reference run compares (the issue's goals: NPD against verl's sync OPD and SFT). The
@@ -98,9 +111,19 @@ def run_overrides(runner: str, scale: Scale, val_files: str | None, seed: int) -
 
 
 def method_command(
-    method: Method, recipe: Recipe, scale: Scale, val_files: str | None, seed: int, run_dir: str
+    method: Method,
+    recipe: Recipe,
+    scale: Scale,
+    val_files: str | None,
+    seed: int,
+    run_dir: str,
+    teacher_url: str | None = None,
 ) -> Command:
-    """The command of an NPD or verl method with one seed; its outputs all go under ``run_dir``."""
+    """The command of an NPD or verl method with one seed; its outputs all go under ``run_dir``.
+    ``teacher_url``: where the served teacher of a ``served_teacher`` method answers."""
+    if method.served_teacher != (teacher_url is not None):
+        raise ValueError(f"{method.name}: a teacher URL goes with served_teacher methods only, got {teacher_url!r}")
+    served = [f"npd.teacher.url={teacher_url}", f"npd.teacher.model={SERVED_TEACHER_NAME}"] if teacher_url else []
     common = [
         f"trainer.default_local_dir={run_dir}/checkpoints",
         "trainer.save_freq=-1",
@@ -116,6 +139,7 @@ def method_command(
             # NPD writes its own metrics.jsonl and summary.json.
             "trainer.logger=[console]",
             *method.overrides,
+            *served,
         ]  # fmt: skip
         return Command(argv, steps_file=os.path.join(run_dir, "metrics.jsonl"))
     if method.runner == "verl":
@@ -131,6 +155,21 @@ def method_command(
         ]  # fmt: skip
         return Command(argv, env={"VERL_FILE_LOGGER_PATH": metrics_file}, steps_file=metrics_file)
     raise ValueError(f"{method.name}: use sft_command for runner {method.runner!r}")
+
+
+# The name the benchmark's served teacher answers to (npd.teacher.model).
+SERVED_TEACHER_NAME = "teacher"
+
+
+def served_teacher_command(teacher_dir: str, port: int) -> Command:
+    """``python -m verl_npd.serve`` on loopback: the teacher of a ``served_teacher`` method. It
+    inherits the environment, so the ``VERL_NPD_CPU_THREADS`` the benchmark sets for every method
+    (the share of a teacher replica) is its thread count too."""
+    argv = [
+        sys.executable, "-m", "verl_npd.serve", teacher_dir,
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_TEACHER_NAME,
+    ]  # fmt: skip
+    return Command(argv)
 
 
 def sft_command(npd_config: DictConfig, responses_parquet: str, run_dir: str) -> Command:
@@ -181,11 +220,11 @@ def sft_command(npd_config: DictConfig, responses_parquet: str, run_dir: str) ->
     ]  # fmt: skip
     # One process, rank 0 of 1 (sft_trainer.py sets up the gloo group from these).
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     return Command(argv, env=env, steps_file=timeline)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -3,12 +3,15 @@ with a progress bar per run, then writes the results."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
+from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
@@ -16,21 +19,20 @@ from verl_npd.bench import readers, report
 from verl_npd.bench.methods import (
     Command,
     Method,
+    free_port,
     method_command,
     run_overrides,
+    served_teacher_command,
     sft_command,
 )
 from verl_npd.bench.settings import REPO_ROOT, Recipe, Scale
 from verl_npd.platform.cpu_threads import share_cores
 
 
-def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
-    """Run ``command`` from the repo root with its output in ``log_path``; a progress bar follows the
-    steps it records. Returns (exit code, wall seconds). Ctrl-C stops it with its whole process group
-    (the method's Ray cluster included)."""
-    start = time.perf_counter()
+def _start(command: Command, log_path: str) -> subprocess.Popen:
+    """``command`` from the repo root, in a process group of its own, its output in ``log_path``."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command.argv,
             cwd=REPO_ROOT,
             env={**os.environ, **command.env},
@@ -38,20 +40,58 @@ def run_command(command: Command, log_path: str, total_steps: int | None, desc: 
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        # disable=None: no bar when the output is not a terminal (logs get the start/end lines only).
-        bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None)
-        try:
-            while process.poll() is None:
-                time.sleep(1.0)
-                if not bar.disable:
-                    bar.update(readers.steps_done(command.steps_file) - bar.n)
-        except KeyboardInterrupt:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise
-        finally:
-            bar.close()
+
+
+def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
+    """Run ``command`` from the repo root with its output in ``log_path``; a progress bar follows the
+    steps it records. Returns (exit code, wall seconds). Ctrl-C stops it with its whole process group
+    (the method's Ray cluster included)."""
+    start = time.perf_counter()
+    process = _start(command, log_path)
+    # disable=None: no bar when the output is not a terminal (logs get the start/end lines only).
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None)
+    try:
+        while process.poll() is None:
+            time.sleep(1.0)
+            if not bar.disable:
+                bar.update(readers.steps_done(command.steps_file) - bar.n)
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    finally:
+        bar.close()
     return process.returncode, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def serving(command: Command, port: int, log_path: str, timeout_s: float = 300.0) -> Iterator[tuple[str, float]]:
+    """Start the server of ``command`` (output in ``log_path``) and wait until it answers
+    ``GET /health`` on ``port``; yield its ``/v1`` URL and the seconds that took. The server is
+    stopped (its process group, SIGTERM then SIGKILL) however the block ends."""
+    start = time.perf_counter()
+    process = _start(command, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server at {base} exited with {process.returncode}:\n{_log_tail(log_path)}")
+            if time.perf_counter() - start > timeout_s:
+                raise RuntimeError(f"the server at {base} did not answer in {timeout_s:.0f} s:\n{_log_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield f"{base}/v1", time.perf_counter() - start
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def _log_tail(path: str, lines: int = 20) -> str:
@@ -72,14 +112,19 @@ class Benchmark:
         benchmark's time falls on every method alike."""
         os.makedirs(self.data_dir, exist_ok=True)
         if self.recipe.toy:
-            # Every method's processes inherit the same share of the cores (verl_npd/platform/cpu_threads.py).
-            share_cores(self._npd_config(self.scale.seed_values[0]))
+            self.share_cores()
             self._prepare_toy()
         methods = {m.name: {"label": m.label, "runs": []} for m in self.methods}
         for m in self.methods:
             shutil.rmtree(os.path.join(self.out_dir, m.name), ignore_errors=True)  # NPD appends: start clean
             if m.runner == "sft" and not self.recipe.toy:
                 error = "SFT data is made from the toy teacher; GPU recipes have no SFT run"
+                methods[m.name].update(status="skipped", error=error)
+            if m.served_teacher and not self.recipe.toy:
+                error = (
+                    "the benchmark serves the toy teacher with python -m verl_npd.serve; on GPUs serve the "
+                    "recipe's teacher with vLLM and give its URL as npd.teacher.url (README)"
+                )
                 methods[m.name].update(status="skipped", error=error)
         runnable = [m for m in self.methods if methods[m.name].get("status") != "skipped"]
         plan = [(seed, m) for seed in self.scale.seed_values for m in runnable]
@@ -106,6 +151,12 @@ class Benchmark:
             "seeds": scale.seed_values,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         }
+
+    def share_cores(self) -> None:
+        """Every method's processes inherit the same share of the cores (verl_npd/platform/cpu_threads.py):
+        the NPD config's, which counts a teacher replica, so a served teacher's process gets the
+        share a replica would."""
+        share_cores(self._npd_config(self.scale.seed_values[0]))
 
     # ---- the toy world's own data -------------------------------------------------------------
 
@@ -145,10 +196,35 @@ class Benchmark:
         result = {"seed": seed, "log": os.path.relpath(log_path, self.out_dir)}
         if method.runner == "sft":
             return {**result, **self._run_sft(seed, run_dir, log_path, desc)}
+        if method.served_teacher:
+            return {**result, **self._run_with_served_teacher(method, seed, run_dir, log_path, desc)}
         command = method_command(method, self.recipe, self.scale, self.val_files, seed, run_dir)
         returncode, wall = run_command(command, log_path, self.scale.steps, desc)
         read = readers.read_npd if method.runner == "npd" else readers.read_verl
         return {**result, **self._outcome(returncode, wall, log_path, lambda: read(run_dir))}
+
+    @contextlib.contextmanager
+    def served_teacher(self, seed: int, run_dir: str) -> Iterator[tuple[str, float]]:
+        """The NPD config's teacher behind ``python -m verl_npd.serve`` on a free loopback port, its
+        output in ``run_dir/teacher_server.log``: yields its URL and its start-up seconds."""
+        teacher_dir = self._npd_config(seed).distillation.teacher_models.teacher_model.model_path
+        port = free_port()
+        log_path = os.path.join(run_dir, "teacher_server.log")
+        with serving(served_teacher_command(teacher_dir, port), port, log_path) as served:
+            yield served
+
+    def _run_with_served_teacher(self, method: Method, seed: int, run_dir: str, log_path: str, desc: str) -> dict:
+        """Process wall: the served teacher's start-up (a teacher replica's is inside the job's
+        process wall), then the job's. Training time leaves both out, as it does all set-up."""
+        try:
+            with self.served_teacher(seed, run_dir) as (url, start_s):
+                print(f"teacher served at {url} (started in {start_s:.0f} s)", flush=True)
+                command = method_command(method, self.recipe, self.scale, self.val_files, seed, run_dir, url)
+                returncode, wall = run_command(command, log_path, self.scale.steps, desc)
+        except RuntimeError as e:
+            return {"returncode": None, "process_wall_s": 0.0, "status": "failed", "error": str(e)}
+        outcome = self._outcome(returncode, start_s + wall, log_path, lambda: readers.read_npd(run_dir))
+        return {**outcome, "teacher_server_start_s": start_s}
 
     def _run_sft(self, seed: int, run_dir: str, log_path: str, desc: str) -> dict:
         """Process wall: the teacher's generation (as recorded when it was made), the SFT process and

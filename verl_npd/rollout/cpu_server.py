@@ -137,6 +137,11 @@ class CPURolloutServer:
         self._admission_open = asyncio.Event()
         self._admission_open.set()
 
+    @property
+    def num_threads(self) -> int:
+        """The torch threads the engine computes with."""
+        return self._num_threads
+
     def _validate_lengths(self) -> None:
         """Resolve ``max_model_len`` as vLLMHttpServer._validate_configs does."""
         from verl.workers.rollout.utils import get_max_position_embeddings
