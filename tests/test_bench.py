@@ -298,7 +298,7 @@ def test_served_teacher_run_differs_from_npd_only_in_where_its_teacher_is(tmp_pa
     for method, teacher_url in ((npd, None), (remote, url)):
         argv = method_command(method, recipe, TOY_FULL, "/v.parquet", 2, str(tmp_path), teacher_url).argv
         overrides = argv[argv.index("--config-name") + 2 :]
-        composed = _composed(recipe.npd_config_dir, recipe.npd_config_name, overrides)
+        composed = compose(recipe.npd_config_dir, recipe.npd_config_name, overrides)
         configs.append(_flat(OmegaConf.to_container(composed)))
     differences = {key: (configs[0].get(key), configs[1].get(key)) for key in configs[0].keys() | configs[1].keys()}
     differences = {key: pair for key, pair in differences.items() if pair[0] != pair[1]}
