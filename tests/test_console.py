@@ -60,3 +60,11 @@ def test_the_bar_shows_the_figures_and_one_line_per_validation():
     assert text.count(format_validation(0, 0.25)) == 1 and text.count(format_validation(4, 0.5)) == 1
     assert "4/4" in text and "acc=50.0%" in text and "kept=90.0%" in text and "tok/s=1500" in text
     assert format_validation(4, 0.5) == "validation at step 4: accuracy 50.0%"
+
+
+def test_a_validation_that_ended_the_run_between_two_polls_is_still_shown():
+    progress = LiveProgress(runner=None, console=io.StringIO())
+    progress.show({"step": 3, "total": 4, "validations": [(0, 0.25)], "accuracy": 0.25})
+    progress._bar.close()
+    summary_validations = [{"step": 0, "accuracy": 0.25}, {"step": 4, "accuracy": 0.5}]
+    assert progress.missed_validations(summary_validations) == ["validation at step 4: accuracy 50.0%"]

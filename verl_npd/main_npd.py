@@ -223,6 +223,9 @@ def run_npd(config: DictConfig) -> dict:
                 ray.shutdown()
     with open(os.path.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
+    if graceful.progress is not None:
+        for line in graceful.progress.missed_validations(summary["validations"]):
+            print(line)
     print(format_summary(summary, output_dir, log_path))
     if graceful.signum is not None:
         name = signal.Signals(graceful.signum).name

@@ -89,6 +89,10 @@ class LiveProgress:
             if progress:
                 self.show(progress)
 
+    def missed_validations(self, validations: list[dict[str, Any]]) -> list[str]:
+        """Lines for the validations no poll saw: the last one can end the run between two polls."""
+        return [format_validation(v["step"], v["accuracy"]) for v in validations if v["step"] not in self._validations_shown]
+
     def show(self, progress: dict[str, Any]) -> None:
         if self._bar is None:
             self._bar = tqdm(
