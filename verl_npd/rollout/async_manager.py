@@ -48,7 +48,11 @@ logger = logging.getLogger("verl_npd")
 
 class PromptStream:
     """A deterministic, resumable stream of dataset indices: epoch e visits a permutation seeded by
-    (seed, e). Prompts that were in flight at a checkpoint are re-issued first after a resume."""
+    (seed, e). Prompts that were in flight at a checkpoint are re-issued first after a resume.
+
+    It also holds the positions the filter dropped that the trainer has not yet recorded
+    (``positions.jsonl``): a checkpoint carries them, so that the record stays exact across a resume.
+    """
 
     def __init__(self, dataset_size: int, seed: int, shuffle: bool = True):
         if dataset_size < 1:
@@ -58,6 +62,7 @@ class PromptStream:
         self.shuffle = shuffle
         self.cursor = 0
         self.reissue: list[int] = []
+        self.filtered: list[int] = []
         self._permutations: dict[int, np.ndarray] = {}
 
     def dataset_index(self, position: int) -> int:
@@ -78,11 +83,16 @@ class PromptStream:
         return positions
 
     def state_dict(self, in_flight: Sequence[int]) -> dict[str, Any]:
-        return {"cursor": self.cursor, "reissue": sorted(set(self.reissue) | set(in_flight))}
+        return {
+            "cursor": self.cursor,
+            "reissue": sorted(set(self.reissue) | set(in_flight)),
+            "filtered": list(self.filtered),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
         self.reissue = [int(p) for p in state["reissue"]]
+        self.filtered = [int(p) for p in state["filtered"]]
 
 
 @dataclass
@@ -267,14 +277,12 @@ class AsyncRolloutManager:
         generated_at = time.monotonic()
         generated, teacher_s = await self._score(rollouts)
         decision = self._filter(generated)
-        kept = [
-            Sample(uid=uuid.uuid4().hex, version=g.version, payload=g)
-            for g, keep in zip(generated, decision.keep.tolist())
-            if keep
-        ]
+        keep = decision.keep.tolist()
+        kept = [Sample(uid=uuid.uuid4().hex, version=g.version, payload=g) for g, k in zip(generated, keep) if k]
         with self._lock:  # atomic with respect to checkpoint_state(): stored, or still in flight
             self.buffer.put(kept, reserved=reserved, filtered=len(generated) - len(kept))
             self._in_flight_positions.difference_update(positions)
+            self.stream.filtered.extend(g.prompt.position for g, k in zip(generated, keep) if not k)
             metrics = dict(decision.metrics)
             metrics["timing/wave"] = time.monotonic() - start
             # The wave's generation and its teacher scoring, first request to last answer.
@@ -389,6 +397,12 @@ class AsyncRolloutManager:
             return {}
         keys = sorted({k for m in waves for k in m})
         return {k: float(np.mean([m[k] for m in waves if k in m])) for k in keys}
+
+    def drain_filtered_positions(self) -> list[int]:
+        """The stream positions of the samples the filter dropped since the last call."""
+        with self._lock:
+            positions, self.stream.filtered = self.stream.filtered, []
+        return positions
 
     def checkpoint_state(self) -> tuple[list[Sample], dict[str, Any], dict[str, Any]]:
         """The buffer's queued samples and accounting and the prompt stream, taken at one instant:
