@@ -6,7 +6,8 @@ code drives the CPU backend, vLLM or SGLang, on one machine or many.
 
 Samples are processed in waves of one training batch's worth of prompts, plus as many as the filter
 is expected to drop (fewer when the buffer grants fewer: only as many as will still be fresh for the
-trainer); a wave is the Δ-IFD filter's scoring window, and several waves are in flight at once.
+trainer); a wave is the Δ-IFD filter's scoring window, and several waves are in flight at once
+(they enter the buffer in the order they started).
 Per wave, all on the servers:
 1. the student's rollout replicas sample every response y with its per-token log-probs
    (log p_B(y_i | x, y_<i)), one request per sample, straight to a server;
@@ -243,6 +244,7 @@ class AsyncRolloutManager:
 
     async def _generate_forever(self) -> None:
         waves = asyncio.Semaphore(self.max_waves_in_flight)
+        previous: asyncio.Task | None = None
         while not self._stopping:
             await waves.acquire()
             wanted = min(self.wave_prompts() * self.samples_per_prompt, self.buffer.capacity)
@@ -257,7 +259,8 @@ class AsyncRolloutManager:
             with self._lock:
                 positions = self.stream.take(granted // self.samples_per_prompt)
                 self._in_flight_positions.update(positions)
-            task = asyncio.create_task(self._run_wave(positions, version, granted))
+            task = asyncio.create_task(self._run_wave(positions, version, granted, after=previous))
+            previous = task
 
             def on_done(t: asyncio.Task) -> None:
                 waves.release()
@@ -268,7 +271,12 @@ class AsyncRolloutManager:
 
     # ---- one wave ------------------------------------------------------------------------------
 
-    async def _run_wave(self, positions: list[int], version: int, reserved: int) -> None:
+    async def _run_wave(
+        self, positions: list[int], version: int, reserved: int, after: asyncio.Task | None = None
+    ) -> None:
+        """Generate, score and filter a wave, then store it once the wave ``after`` is stored: waves
+        enter the buffer in the order they started, not the order they finish, so which samples a
+        step trains on does not depend on which of two concurrent waves was faster."""
         start = time.monotonic()
         prompts = [self.prompt_fn(p) for p in positions]
         rollouts = await asyncio.gather(
@@ -279,6 +287,8 @@ class AsyncRolloutManager:
         decision = self._filter(generated)
         keep = decision.keep.tolist()
         kept = [Sample(uid=uuid.uuid4().hex, version=g.version, payload=g) for g, k in zip(generated, keep) if k]
+        if after is not None:
+            await asyncio.wait([after])
         with self._lock:  # atomic with respect to checkpoint_state(): stored, or still in flight
             self.buffer.put(kept, reserved=reserved, filtered=len(generated) - len(kept))
             self._in_flight_positions.difference_update(positions)
