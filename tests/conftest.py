@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,3 +77,59 @@ def run_on_policy(
         assert row["npd/staleness_max"] == 0
         assert row["timing/sync"] > 0
     return history
+
+
+def start_npd(args: list[str], log_path) -> subprocess.Popen:
+    """main_npd in its own session, its output in ``log_path`` (a pipe nobody reads could fill)."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "verl_npd.main_npd", *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def tail(log_path) -> str:
+    return log_path.read_text()[-3000:]
+
+
+def wait_for(condition, process: subprocess.Popen, log_path, what: str, timeout: float = 900, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {tail(log_path)}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
+def steps_logged(out) -> int:
+    path = out / "metrics.jsonl"
+    return len(read_jsonl(path)) if path.exists() else 0
+
+
+def kill_session(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL the driver and every process of its session (as a node failure would): Ray's GCS,
+    raylet and workers stay in the driver's session (workers in process groups of their own, out of
+    reach of a killpg). Returns once none is left."""
+
+    def session() -> list[psutil.Process]:
+        members = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == process.pid and p.status() != psutil.STATUS_ZOMBIE:
+                    members.append(p)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        return members
+
+    deadline = time.monotonic() + timeout
+    while members := session():
+        for member in members:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        assert time.monotonic() < deadline, f"still running after SIGKILL: {members}"
+        time.sleep(0.2)
+    process.wait(timeout=timeout)

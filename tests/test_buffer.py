@@ -136,7 +136,7 @@ def test_drop_policy_drops_and_counts_stale_samples():
     buffer.put([Sample(uid=f"new{i}", version=2) for i in range(2)], reserved=2)
     batch = buffer.take(2, trainer_version=2, timeout=1)  # version-0 samples have staleness 2 > 1
     assert [s.uid for s in batch.samples] == ["new0", "new1"]
-    assert batch.dropped_stale == 4
+    assert [s.uid for s in batch.dropped_stale] == [f"old{i}" for i in range(4)]
     c = buffer.counters
     assert (c.reserved, c.generated, c.filtered, c.released, c.consumed, c.dropped_stale) == (8, 7, 1, 1, 2, 4)
     assert c.generated - c.filtered == c.consumed + c.dropped_stale + buffer.queued
@@ -196,16 +196,24 @@ def test_close_wakes_waiters_with_a_clear_error():
     assert "rollout worker died" in str(result["error"])
 
 
-def test_close_during_a_partial_take_keeps_the_partial_batch_and_counts_drops():
+def test_a_failed_take_gives_back_all_it_met_and_a_stale_sample_is_dropped_once():
     buffer = NearPolicyBuffer(capacity=8, max_staleness=0, batch_size=4, stale_policy="drop")
-    buffer.acquire(4)
+    buffer.acquire(5)
     buffer.put([Sample(uid="stale", version=0)] + [Sample(uid=str(i), version=1) for i in range(3)], reserved=4)
+    with pytest.raises(TimeoutError):
+        buffer.take(4, trainer_version=1, timeout=0.1)  # takes 3, meets 1 stale, then waits for a 4th
+    # A checkpoint taken now holds all four; the stale one is not yet counted (its step never ran).
+    assert [s.uid for s in buffer.snapshot()[0]] == ["stale", "0", "1", "2"]
+    c = buffer.counters
+    assert (c.dropped_stale, c.consumed) == (0, 0)
+    assert c.generated - c.filtered == c.consumed + c.dropped_stale + buffer.queued
+    buffer.put([Sample(uid="3", version=1)], reserved=1)
+    batch = buffer.take(4, trainer_version=1, timeout=1)
+    assert [s.uid for s in batch.samples] == ["0", "1", "2", "3"]
+    assert [s.uid for s in batch.dropped_stale] == ["stale"] and c.dropped_stale == 1
     threading.Timer(0.1, buffer.close).start()
     with pytest.raises(BufferClosed):
-        buffer.take(4, trainer_version=1)  # takes 3, drops 1, then waits for a 4th
-    assert [s.uid for s in buffer.snapshot()[0]] == ["0", "1", "2"]
-    c = buffer.counters
-    assert (c.dropped_stale, c.consumed) == (1, 0)
+        buffer.take(4, trainer_version=1)  # a close ends a waiting take the same way
     assert c.generated - c.filtered == c.consumed + c.dropped_stale + buffer.queued
 
 
@@ -263,3 +271,4 @@ def test_waves_sized_for_the_filter_fill_a_batch_and_stay_fresh(sync_interval, m
     assert min(grants[:-1]) >= 15, grants
     # A wave that keeps more than the expected 7/8 may leave a sample or two behind a sync.
     assert buffer.counters.dropped_stale <= 0.02 * buffer.counters.generated, buffer.counters
+

@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -15,50 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, read_jsonl, run_module
+from conftest import FAST, REPO, kill_session, read_jsonl, run_module, start_npd, steps_logged, tail, wait_for
 from verl_npd.rollout.scoring import RequestFailed, call_with_retries
 
 QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
-
-
-def start_npd(args: list[str], log_path) -> subprocess.Popen:
-    """main_npd in its own session, its output in ``log_path`` (a pipe nobody reads could fill)."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "verl_npd.main_npd", *args],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def tail(log_path) -> str:
-    return log_path.read_text()[-3000:]
-
-
-def wait_for(condition, process: subprocess.Popen, log_path, what: str, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended before {what}: {tail(log_path)}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
-def steps_logged(out) -> int:
-    path = out / "metrics.jsonl"
-    return len(read_jsonl(path)) if path.exists() else 0
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the driver and its whole Ray session (as a node failure would)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the session already ended
-        pass
-    process.wait(timeout=60)
-    # The venv's own ray CLI: the tests may run without the venv on PATH.
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

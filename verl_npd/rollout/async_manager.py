@@ -6,7 +6,8 @@ code drives the CPU backend, vLLM or SGLang, on one machine or many.
 
 Samples are processed in waves of one training batch's worth of prompts, plus as many as the filter
 is expected to drop (fewer when the buffer grants fewer: only as many as will still be fresh for the
-trainer); a wave is the Δ-IFD filter's scoring window, and several waves are in flight at once.
+trainer); a wave is the Δ-IFD filter's scoring window, and several waves are in flight at once
+(they enter the buffer in the order they started).
 Per wave, all on the servers:
 1. the student's rollout replicas sample every response y with its per-token log-probs
    (log p_B(y_i | x, y_<i)), one request per sample, straight to a server;
@@ -48,7 +49,11 @@ logger = logging.getLogger("verl_npd")
 
 class PromptStream:
     """A deterministic, resumable stream of dataset indices: epoch e visits a permutation seeded by
-    (seed, e). Prompts that were in flight at a checkpoint are re-issued first after a resume."""
+    (seed, e). Prompts that were in flight at a checkpoint are re-issued first after a resume.
+
+    It also holds the positions the filter dropped that the trainer has not yet recorded
+    (``positions.jsonl``): a checkpoint carries them, so that the record stays exact across a resume.
+    """
 
     def __init__(self, dataset_size: int, seed: int, shuffle: bool = True):
         if dataset_size < 1:
@@ -58,6 +63,7 @@ class PromptStream:
         self.shuffle = shuffle
         self.cursor = 0
         self.reissue: list[int] = []
+        self.filtered: list[int] = []
         self._permutations: dict[int, np.ndarray] = {}
 
     def dataset_index(self, position: int) -> int:
@@ -78,11 +84,16 @@ class PromptStream:
         return positions
 
     def state_dict(self, in_flight: Sequence[int]) -> dict[str, Any]:
-        return {"cursor": self.cursor, "reissue": sorted(set(self.reissue) | set(in_flight))}
+        return {
+            "cursor": self.cursor,
+            "reissue": sorted(set(self.reissue) | set(in_flight)),
+            "filtered": list(self.filtered),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
         self.reissue = [int(p) for p in state["reissue"]]
+        self.filtered = [int(p) for p in state["filtered"]]
 
 
 @dataclass
@@ -233,6 +244,7 @@ class AsyncRolloutManager:
 
     async def _generate_forever(self) -> None:
         waves = asyncio.Semaphore(self.max_waves_in_flight)
+        previous: asyncio.Task | None = None
         while not self._stopping:
             await waves.acquire()
             wanted = min(self.wave_prompts() * self.samples_per_prompt, self.buffer.capacity)
@@ -247,7 +259,8 @@ class AsyncRolloutManager:
             with self._lock:
                 positions = self.stream.take(granted // self.samples_per_prompt)
                 self._in_flight_positions.update(positions)
-            task = asyncio.create_task(self._run_wave(positions, version, granted))
+            task = asyncio.create_task(self._run_wave(positions, version, granted, after=previous))
+            previous = task
 
             def on_done(t: asyncio.Task) -> None:
                 waves.release()
@@ -258,7 +271,12 @@ class AsyncRolloutManager:
 
     # ---- one wave ------------------------------------------------------------------------------
 
-    async def _run_wave(self, positions: list[int], version: int, reserved: int) -> None:
+    async def _run_wave(
+        self, positions: list[int], version: int, reserved: int, after: asyncio.Task | None = None
+    ) -> None:
+        """Generate, score and filter a wave, then store it once the wave ``after`` is stored: waves
+        enter the buffer in the order they started, not the order they finish, so which samples a
+        step trains on does not depend on which of two concurrent waves was faster."""
         start = time.monotonic()
         prompts = [self.prompt_fn(p) for p in positions]
         rollouts = await asyncio.gather(
@@ -267,14 +285,14 @@ class AsyncRolloutManager:
         generated_at = time.monotonic()
         generated, teacher_s = await self._score(rollouts)
         decision = self._filter(generated)
-        kept = [
-            Sample(uid=uuid.uuid4().hex, version=g.version, payload=g)
-            for g, keep in zip(generated, decision.keep.tolist())
-            if keep
-        ]
+        keep = decision.keep.tolist()
+        kept = [Sample(uid=uuid.uuid4().hex, version=g.version, payload=g) for g, k in zip(generated, keep) if k]
+        if after is not None:
+            await asyncio.wait([after])
         with self._lock:  # atomic with respect to checkpoint_state(): stored, or still in flight
             self.buffer.put(kept, reserved=reserved, filtered=len(generated) - len(kept))
             self._in_flight_positions.difference_update(positions)
+            self.stream.filtered.extend(g.prompt.position for g, k in zip(generated, keep) if not k)
             metrics = dict(decision.metrics)
             metrics["timing/wave"] = time.monotonic() - start
             # The wave's generation and its teacher scoring, first request to last answer.
@@ -389,6 +407,12 @@ class AsyncRolloutManager:
             return {}
         keys = sorted({k for m in waves for k in m})
         return {k: float(np.mean([m[k] for m in waves if k in m])) for k in keys}
+
+    def drain_filtered_positions(self) -> list[int]:
+        """The stream positions of the samples the filter dropped since the last call."""
+        with self._lock:
+            positions, self.stream.filtered = self.stream.filtered, []
+        return positions
 
     def checkpoint_state(self) -> tuple[list[Sample], dict[str, Any], dict[str, Any]]:
         """The buffer's queued samples and accounting and the prompt stream, taken at one instant:

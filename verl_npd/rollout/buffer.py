@@ -87,7 +87,7 @@ class BufferCounters:
 class TakenBatch:
     samples: list[Sample]
     staleness: list[int]
-    dropped_stale: int
+    dropped_stale: list[Sample]
     wait_s: float
 
 
@@ -243,25 +243,28 @@ class NearPolicyBuffer:
         Too-stale samples met on the way are dropped (``drop`` policy); under ``wait`` none can be.
         """
         start = time.monotonic()
+        met: list[Sample] = []  # every sample taken off the queue, in queue order
         taken: list[Sample] = []
-        dropped = 0
+        dropped: list[Sample] = []
         with self._cond:
             self._next_consume_version = trainer_version
             self._cond.notify_all()
             while len(taken) < n:
                 while self._queue and len(taken) < n:
                     sample = self._queue.popleft()
+                    met.append(sample)
                     if trainer_version - sample.version > self.max_staleness:
-                        dropped += 1
-                        self.counters.dropped_stale += 1
+                        dropped.append(sample)
                     else:
                         taken.append(sample)
                 if len(taken) == n:
                     break
                 remaining = None if timeout is None else timeout - (time.monotonic() - start)
                 if self._closed is not None or (remaining is not None and remaining <= 0):
-                    # Give the partial batch back: a checkpoint taken after this must still hold it.
-                    self._queue.extendleft(reversed(taken))
+                    # Give back everything met, stale ones too: a checkpoint taken after this must
+                    # still hold the partial batch, and a stale sample is dropped (and counted)
+                    # once, by a take that completes.
+                    self._queue.extendleft(reversed(met))
                     self._taking = 0
                     self._raise_if_closed()
                     raise TimeoutError(f"waited {timeout:.1f}s for {n} samples, got {len(taken)}")
@@ -271,6 +274,7 @@ class NearPolicyBuffer:
             self._taking = 0
             self._next_consume_version = trainer_version + 1
             self.counters.consumed += len(taken)
+            self.counters.dropped_stale += len(dropped)
             wait_s = time.monotonic() - start
             self.counters.consumer_wait_s += wait_s
             self._cond.notify_all()

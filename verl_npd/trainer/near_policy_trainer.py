@@ -251,7 +251,7 @@ class NearPolicyTrainer(RayPPOTrainer):
         try:
             while self.global_steps < total and not self.stop_requested.is_set():
                 try:
-                    metrics = self._train_step()
+                    metrics, positions = self._train_step()
                 except BufferClosed:
                     if self.stop_requested.is_set():
                         break
@@ -269,6 +269,7 @@ class NearPolicyTrainer(RayPPOTrainer):
                     last_sync_step = step
                 metrics["npd/steps_since_sync"] = float(step - last_sync_step)
                 metrics.update(self.rollout_manager.drain_metrics())
+                positions["filtered"] = self.rollout_manager.drain_filtered_positions()
                 test_freq = self.config.trainer.test_freq
                 if test_freq > 0 and (step % test_freq == 0 or step == total):
                     # Generation pauses for it: validation measures the run and must not hide work.
@@ -280,10 +281,11 @@ class NearPolicyTrainer(RayPPOTrainer):
                     metrics.update(val_metrics)
                     summary.record_validation(step, val_metrics)
                     self._show_validation(step, val_metrics)
+                # Recorded before the checkpoint: a run resumed from step t has the rows of steps 1..t.
+                summary.record_step(step, metrics, positions)
                 save_freq = self.config.trainer.save_freq
                 if save_freq > 0 and (step % save_freq == 0 or step == total):
                     self._save_checkpoint()
-                summary.record_step(step, metrics)
                 tracker.log(data=metrics, step=step)
                 progress.update(1)
                 self.progress.update(
@@ -352,7 +354,8 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.checkpoint_manager.sleep_replicas()
         return metrics
 
-    def _train_step(self) -> dict[str, float]:
+    def _train_step(self) -> tuple[dict[str, float], dict[str, list[int]]]:
+        """One update; returns its metrics and the stream positions it trained on and dropped."""
         step_start = time.perf_counter()
         taken = self.buffer.take(self.samples_per_step, trainer_version=self.global_steps)
         packed = train_packed(
@@ -377,7 +380,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             "npd/behaviour_version_max": float(max(s.version for s in taken.samples)),
             "npd/staleness_mean": float(np.mean(taken.staleness)),
             "npd/staleness_max": float(np.max(taken.staleness)),
-            "npd/dropped_stale": float(taken.dropped_stale),
+            "npd/dropped_stale": float(len(taken.dropped_stale)),
             # The real fill: the micro-batches of every rank count.
             "npd/packing_efficiency": packing_efficiency(packed.lengths, all_bins, self.npd.packing.token_budget),
             "npd/micro_batches": float(len(all_bins)),
@@ -386,7 +389,11 @@ class NearPolicyTrainer(RayPPOTrainer):
             "npd/rollout_version": float(self.buffer.rollout_version),
         }
         metrics.update(packed.metrics)
-        return metrics
+        positions = {
+            "trained": [s.payload.prompt.position for s in taken.samples],
+            "dropped_stale": [s.payload.prompt.position for s in taken.dropped_stale],
+        }
+        return metrics, positions
 
     # ---- checkpoints ---------------------------------------------------------------------------
 

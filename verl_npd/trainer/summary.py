@@ -24,7 +24,7 @@ def validation_accuracy(val_metrics: dict[str, float]) -> float | None:
 class RunSummary:
     """``resume_step``: the checkpoint step this run starts from (0 for a fresh run). Rows of an
     earlier run beyond it describe steps that were rolled back and are trained again, so they are
-    removed from ``metrics.jsonl``; rows up to it are kept."""
+    removed from ``metrics.jsonl`` and ``positions.jsonl``; rows up to it are kept."""
 
     output_dir: str
     resume_step: int = 0
@@ -36,9 +36,10 @@ class RunSummary:
         self.history: list[dict[str, float]] = []
         self.validations: list[dict[str, float]] = []
         self.initial_accuracy: float | None = None
-        path = os.path.join(self.output_dir, "metrics.jsonl")
-        _truncate_history(path, self.resume_step)
-        self._metrics_file = open(path, "a")
+        self._metrics_file, self._positions_file = (
+            _open_history(os.path.join(self.output_dir, name), self.resume_step)
+            for name in ("metrics.jsonl", "positions.jsonl")
+        )
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -49,11 +50,14 @@ class RunSummary:
             self.initial_accuracy = accuracy
         self.validations.append({"step": step, "wall_s": self.elapsed(), "accuracy": accuracy})
 
-    def record_step(self, step: int, metrics: dict[str, float]) -> None:
+    def record_step(self, step: int, metrics: dict[str, float], positions: dict[str, list[int]]) -> None:
+        """``positions``: the prompt-stream positions the step trained on, dropped as stale, and
+        those the filter dropped since the previous step."""
         row = {"step": step, "wall_s": self.elapsed(), **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
-        self._metrics_file.write(json.dumps(row) + "\n")
-        self._metrics_file.flush()
+        for file, line in ((self._metrics_file, row), (self._positions_file, {"step": step, **positions})):
+            file.write(json.dumps(line) + "\n")
+            file.flush()
 
     def finish(
         self,
@@ -64,6 +68,7 @@ class RunSummary:
         student_dir: str,
     ) -> dict[str, Any]:
         self._metrics_file.close()
+        self._positions_file.close()
         wall = self.elapsed()
         train_s = sum(r.get("timing/train", 0.0) for r in self.history)
         tokens = sum(r.get("perf/train_tokens", 0.0) for r in self.history)
@@ -115,15 +120,17 @@ class RunSummary:
         plt.close(fig)
 
 
-def _truncate_history(path: str, last_step: int) -> None:
-    """Keep the rows of ``path`` with ``step <= last_step`` (written atomically)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= last_step]
-    if len(kept) < len(rows):
-        write_text_atomically(path, "".join(kept))
+def _open_history(path: str, last_step: int):
+    """``path`` open for appending, with only its rows of ``step <= last_step`` (kept atomically).
+    A last line cut short by a kill is dropped: it is a step after the checkpoint (the row of a
+    step is written before its checkpoint)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= last_step]
+        if kept != lines:
+            write_text_atomically(path, "".join(kept))
+    return open(path, "a")
 
 
 def write_text_atomically(path: str, text: str) -> None:
