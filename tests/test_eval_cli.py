@@ -134,3 +134,23 @@ def test_publishing_a_checkpoint_without_hf_weights_names_the_directory(tmp_path
     (tmp_path / "huggingface").mkdir()
     with pytest.raises(FileNotFoundError, match="saved without hf_model"):
         publish_student(str(tmp_path / "huggingface"), str(tmp_path / "out"))
+
+
+def test_a_published_student_is_scored_with_its_runs_reward_function_by_default(toy_world, val_slice, tmp_path, capsys):
+    """The toy's data has no scorer in verl; the student a run publishes records the run's
+    reward.custom_reward_function, so eval needs no --reward-path for it, and scores as with one."""
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.student_export import run_reward_function
+
+    run_config = OmegaConf.create({"reward": {"custom_reward_function": {"path": TOY_REWARD[1], "name": "compute_score"}}})
+    assert run_reward_function(OmegaConf.create({"reward": {"custom_reward_function": {"path": None}}})) is None
+    student = publish_student(toy_world.student_dir, str(tmp_path / "out"), run_reward_function(run_config))
+    common = ["--model", student, "--data", val_slice, "--max-new-tokens", 40, "--batch-size", 8]
+
+    code, recorded, _ = run_eval([*common, "--out", tmp_path / "recorded.jsonl"], capsys)
+    assert code == 0
+    code, flagged, _ = run_eval([*common, "--out", tmp_path / "flagged.jsonl", *TOY_REWARD], capsys)
+    assert code == 0
+    assert (tmp_path / "recorded.jsonl").read_text() == (tmp_path / "flagged.jsonl").read_text()
+    assert 0 < json.loads(recorded)["accuracy"] == json.loads(flagged)["accuracy"]

@@ -8,7 +8,9 @@ template and answered greedily (verl's ``val_kwargs``: temperature 0), at most
 ``reward_model.ground_truth`` as verl's validation scores it: by verl's own scorers, selected by
 ``data_source`` (GSM8K, MATH, ...; see ``verl.utils.reward_score.default_compute_score``), or by the
 function a config gives verl as ``reward.custom_reward_function`` (``--reward-path``/``--reward-name``;
-the toy task's is ``pkg://verl_npd.toy.reward``). A row's accuracy is what verl's core validation
+the toy task's is ``pkg://verl_npd.toy.reward``). A student written by a verl-npd run records the
+function its run validated with (``reward_function.json`` beside the weights), which is the default
+for it. A row's accuracy is what verl's core validation
 metric averages: the score's ``acc`` when the scorer reports one, else the score.
 
 Generation: ``npd_cpu`` (verl-npd's batched CPU engine, fp32, as the toy's rollout) or vLLM's
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from collections import defaultdict, deque
 from pathlib import Path
@@ -41,6 +44,7 @@ from verl_npd.score import (
     to_messages,
     write_table,
 )
+from verl_npd.trainer.student_export import REWARD_FUNCTION_FILE
 
 ENGINES = ("auto", "npd_cpu", "vllm")
 
@@ -67,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reward-path",
         help="module of the score function, as verl's reward.custom_reward_function.path (e.g. "
-        "pkg://verl_npd.toy.reward); default: verl's scorers by data_source",
+        "pkg://verl_npd.toy.reward); default: the one the run that wrote --model validated with "
+        f"(its {REWARD_FUNCTION_FILE}), else verl's scorers by data_source",
     )
     parser.add_argument(
         "--reward-name", default="compute_score", help="the function in --reward-path (reward.custom_reward_function.name)"
@@ -96,8 +101,15 @@ def reward_inputs(table) -> tuple[list[str], list[str], list[dict]]:
 
 
 def score_function(args: argparse.Namespace):
-    """``--reward-path``'s function (loaded as verl loads ``reward.custom_reward_function``), else
-    verl's scorers by data source."""
+    """``--reward-path``'s function (loaded as verl loads ``reward.custom_reward_function``), else the
+    one a verl-npd run validated the model with (written beside its weights), else verl's scorers by
+    data source."""
+    if args.reward_path is None:
+        recorded = os.path.join(args.model, REWARD_FUNCTION_FILE)
+        if os.path.isfile(recorded):
+            with open(recorded) as f:
+                reward_function = json.load(f)
+            args.reward_path, args.reward_name = reward_function["path"], reward_function["name"]
     if args.reward_path is None:
         from verl.utils.reward_score import default_compute_score
 

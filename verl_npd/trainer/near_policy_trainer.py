@@ -48,7 +48,7 @@ from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
 from verl_npd.trainer.config import NPDConfig, PackingConfig
-from verl_npd.trainer.student_export import has_hf_weights, publish_student
+from verl_npd.trainer.student_export import has_hf_weights, publish_student, run_reward_function
 from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
 
 logger = logging.getLogger("verl_npd")
@@ -436,11 +436,11 @@ class NearPolicyTrainer(RayPPOTrainer):
         alone, outside ``default_local_dir`` (a checkpoint there would make the next run resume)."""
         hf_dir = os.path.join(self._step_dir(self.global_steps), "actor", "huggingface")
         if self._last_saved_step == self.global_steps and has_hf_weights(hf_dir):
-            return publish_student(hf_dir, self.output_dir)
+            return publish_student(hf_dir, self.output_dir, run_reward_function(self.config))
         scratch = os.path.join(self.output_dir, "student-checkpoint")
         self.actor_rollout_wg.save_checkpoint(scratch, None, self.global_steps, max_ckpt_to_keep=None)
         try:
-            return publish_student(os.path.join(scratch, "huggingface"), self.output_dir)
+            return publish_student(os.path.join(scratch, "huggingface"), self.output_dir, run_reward_function(self.config))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

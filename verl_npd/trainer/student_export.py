@@ -15,6 +15,9 @@ import shutil
 
 HF_MODEL_CONTENT = "hf_model"
 STUDENT_DIR_NAME = "student"
+# Beside the weights: the score function the run validated with (verl's reward.custom_reward_function),
+# which ``python -m verl_npd.eval --model <student>`` uses when no --reward-path is given.
+REWARD_FUNCTION_FILE = "reward_function.json"
 
 
 def ask_for_hf_weights(config) -> None:
@@ -30,9 +33,10 @@ def has_hf_weights(hf_dir: str) -> bool:
     return bool(glob.glob(os.path.join(hf_dir, "*.safetensors")))
 
 
-def publish_student(hf_dir: str, output_dir: str) -> str:
+def publish_student(hf_dir: str, output_dir: str, reward_function: dict | None = None) -> str:
     """Copy verl's ``huggingface/`` directory to ``<output_dir>/student`` (replacing an earlier
-    one only once the new one is complete) and return its path.
+    one only once the new one is complete) and return its path. ``reward_function`` (``path`` and
+    ``name``, as in verl's ``reward.custom_reward_function``) is written beside the weights.
 
     verl 0.9.1 builds the model it saves with ``torch_dtype=bfloat16`` (fsdp_checkpoint_manager.py:446)
     but writes the trainer's tensors as they are (fp32 here), so its ``config.json`` names a dtype
@@ -55,10 +59,22 @@ def publish_student(hf_dir: str, output_dir: str) -> str:
         config["torch_dtype"] = dtype
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
+    if reward_function is not None:
+        with open(os.path.join(staging, REWARD_FUNCTION_FILE), "w") as f:
+            json.dump(reward_function, f, indent=2)
     if os.path.exists(target):
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+def run_reward_function(config) -> dict | None:
+    """verl's ``reward.custom_reward_function`` of a run's config as ``{"path", "name"}``; None when
+    the run validates with verl's own scorers."""
+    custom = config.get("reward", {}).get("custom_reward_function", {})
+    if not custom.get("path"):
+        return None
+    return {"path": custom["path"], "name": custom.get("name") or "compute_score"}
 
 
 def _weights_dtype(paths: list[str]) -> str:
