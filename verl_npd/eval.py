@@ -104,22 +104,22 @@ def score_function(args: argparse.Namespace):
     """``--reward-path``'s function (loaded as verl loads ``reward.custom_reward_function``), else the
     one a verl-npd run validated the model with (written beside its weights), else verl's scorers by
     data source."""
-    if args.reward_path is None:
-        recorded = os.path.join(args.model, REWARD_FUNCTION_FILE)
-        if os.path.isfile(recorded):
-            with open(recorded) as f:
-                reward_function = json.load(f)
-            args.reward_path, args.reward_name = reward_function["path"], reward_function["name"]
-    if args.reward_path is None:
+    path, name, source = args.reward_path, args.reward_name, f"--reward-path {args.reward_path}"
+    recorded = os.path.join(args.model, REWARD_FUNCTION_FILE)
+    if path is None and os.path.isfile(recorded):
+        with open(recorded) as f:
+            reward_function = json.load(f)
+        path, name, source = reward_function["path"], reward_function["name"], f"{recorded}: {reward_function['path']}"
+    if path is None:
         from verl.utils.reward_score import default_compute_score
 
         return default_compute_score
     from verl.utils.import_utils import load_extern_object
 
     try:
-        return load_extern_object(args.reward_path, args.reward_name)
-    except Exception as e:  # noqa: BLE001 - a missing module or function is reported with the flag
-        raise InputError(f"--reward-path {args.reward_path} --reward-name {args.reward_name}: {one_line(e)}") from None
+        return load_extern_object(path, name)
+    except Exception as e:  # noqa: BLE001 - a missing module or function is reported with where it was named
+        raise InputError(f"{source} --reward-name {name}: {one_line(e)}") from None
 
 
 def check_scorers(compute_score, data_sources: list[str]) -> None:

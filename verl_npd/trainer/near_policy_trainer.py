@@ -435,12 +435,13 @@ class NearPolicyTrainer(RayPPOTrainer):
         checkpoint of this step when there is one, else from a checkpoint written for the export
         alone, outside ``default_local_dir`` (a checkpoint there would make the next run resume)."""
         hf_dir = os.path.join(self._step_dir(self.global_steps), "actor", "huggingface")
+        reward_function = run_reward_function(self.config)
         if self._last_saved_step == self.global_steps and has_hf_weights(hf_dir):
-            return publish_student(hf_dir, self.output_dir, run_reward_function(self.config))
+            return publish_student(hf_dir, self.output_dir, reward_function)
         scratch = os.path.join(self.output_dir, "student-checkpoint")
         self.actor_rollout_wg.save_checkpoint(scratch, None, self.global_steps, max_ckpt_to_keep=None)
         try:
-            return publish_student(os.path.join(scratch, "huggingface"), self.output_dir, run_reward_function(self.config))
+            return publish_student(os.path.join(scratch, "huggingface"), self.output_dir, reward_function)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
