@@ -67,7 +67,7 @@ def run_on_policy(
     server's own report, by the weights of version t-1: the ones being trained. Returns the rows of
     ``metrics.jsonl``.
     """
-    on_policy = [f"npd.total_steps={steps}", "npd.sync_interval=1", "npd.buffer.max_staleness=0"]
+    on_policy = [f"trainer.total_training_steps={steps}", "npd.sync_interval=1", "npd.buffer.max_staleness=0"]
     result = run_module("verl_npd.main_npd", [*FAST, f"npd.output_dir={out}", *on_policy, *extra_args], timeout, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = read_jsonl(out / "metrics.jsonl")

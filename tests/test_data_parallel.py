@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from verl_npd.rollout.async_manager import GeneratedSample, PromptItem
-from verl_npd.trainer.config import PackingConfig
 from verl_npd.trainer.near_policy_trainer import collate_samples, train_packed
 
 TOPK = 8
@@ -75,7 +74,7 @@ def test_each_rank_trains_exactly_its_bins(data_parallel_size):
     actor = RecordingActor(data_parallel_size)
     packed = train_packed(
         actor, samples, data_parallel_size=data_parallel_size, pad_id=0,
-        packing=PackingConfig(token_budget=64), temperature=1.0, seed=0,
+        token_budget=64, temperature=1.0, seed=0,
     )
     assert len(actor.micro_batches) == len(packed.rank_bins) == data_parallel_size
     assert len(packed.rank_bins[0]) > 1  # several micro-batches per rank
@@ -204,7 +203,7 @@ def update_on_ranks(config, samples, ranks: int, out_dir) -> tuple[dict[str, tor
     with actor_worker_group(config, ranks, f"npd{ranks}") as group:
         packed = train_packed(
             group, samples, data_parallel_size=ranks, pad_id=0,
-            packing=PackingConfig(token_budget=BUDGET), temperature=1.0, seed=0,
+            token_budget=BUDGET, temperature=1.0, seed=0,
         )
         return saved_weights(group, out_dir), packed
 

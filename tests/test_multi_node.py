@@ -89,7 +89,7 @@ def wait_for_nodes(address: str, count: int, started: list[subprocess.Popen], ti
 
 STEPS = 8
 VAL_PROMPTS = 256
-BUDGET = 512  # npd.packing.token_budget of the default config
+BUDGET = 512  # actor_rollout_ref.actor.ppo_max_token_len_per_gpu of the default config
 
 
 def test_two_nodes_two_trainer_ranks_two_standalone_replicas(toy_world, tmp_path):
@@ -131,7 +131,7 @@ def test_two_nodes_two_trainer_ranks_two_standalone_replicas(toy_world, tmp_path
         # A short resume from the last checkpoint (step STEPS): one more step, same cluster.
         resumed = run_module(
             "verl_npd.main_npd",
-            [*cluster, f"npd.output_dir={out}", f"npd.total_steps={STEPS + 1}", "trainer.test_freq=-1",
+            [*cluster, f"npd.output_dir={out}", f"trainer.total_training_steps={STEPS + 1}", "trainer.test_freq=-1",
              "npd.sync_interval=1", "npd.buffer.max_staleness=0", "trainer.logger=[console]"],
             env=env,
         )

@@ -12,7 +12,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
 from verl_npd.losses.packing import best_fit_decreasing, pack_for_ranks, packing_efficiency, rank_major_order
-from verl_npd.trainer.config import PackingConfig
 from verl_npd.trainer.near_policy_trainer import train_packed
 
 VOCAB = 50
@@ -238,7 +237,7 @@ def trained_micro_batches(samples):
 
     actor = RecordingActor(data_parallel_size=1)
     packed = train_packed(
-        actor, samples, data_parallel_size=1, pad_id=0, packing=PackingConfig(token_budget=BUDGET),
+        actor, samples, data_parallel_size=1, pad_id=0, token_budget=BUDGET,
         temperature=1.0, seed=0,
     )
     (micro_batches,) = actor.micro_batches

@@ -20,7 +20,13 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         (["npd.filter.lo=0.9", "npd.filter.hi=0.1"], "npd.filter.lo (0.9) must not exceed npd.filter.hi (0.1)"),
         (["npd.sync_interval=0"], "npd.sync_interval must be >= 1, got 0"),
         (["npd.sync_interval=4", "npd.buffer.max_staleness=1"], "npd.sync_interval=4 with npd.buffer.max_staleness=1"),
-        (["npd.packing.token_budget=0"], "npd.packing.token_budget must be >= 1"),
+        # One home per setting: NPD reads verl's step count and token budget.
+        (["+npd.total_steps=150"], "npd.total_steps is verl's trainer.total_training_steps"),
+        (
+            ["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64"],
+            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64 (NPD's micro-batch token budget) is less than "
+            "the longest sample, data.max_prompt_length + data.max_response_length = 88",
+        ),
         (["npd.loss.beta=1.5"], "npd.loss.beta must lie in [0, 1], got 1.5"),
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),

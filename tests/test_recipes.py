@@ -34,6 +34,29 @@ def documented_differences(recipe: str) -> set[str]:
     return set(re.findall(r"^\| `([a-z0-9_.]+)` \|", section, flags=re.MULTILINE))
 
 
+def configs_of(recipe: str) -> list[tuple[str, str]]:
+    """(folder, name) of the recipe's NPD config and of every verl OPD config beside its baseline."""
+    (npd_folder, npd_name), opd_folder = PAIRS[recipe]
+    opd = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, opd_folder)) if f.startswith("opd_") and f.endswith(".yaml"))
+    return [(npd_folder, npd_name), *((opd_folder, name) for name in opd)]
+
+
+@pytest.mark.parametrize("recipe", sorted(PAIRS))
+def test_the_step_count_and_the_token_budget_have_one_home(toy_world, recipe):
+    """NPD reads verl's own step count (which verl's learning-rate schedule reads too) and token
+    budget: an override of either reaches every config of the recipe, NPD's and each OPD mode's, and
+    the npd section holds no copy that could disagree."""
+    overrides = ["trainer.total_training_steps=123", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4567"]
+    for folder, name in configs_of(recipe):
+        config = OmegaConf.to_container(compose(folder, name, overrides), resolve=True)
+        values = leaves(config)
+        assert values["trainer.total_training_steps"] == 123, name
+        assert values["actor_rollout_ref.actor.ppo_max_token_len_per_gpu"] == 4567, name
+        # verl's own keys that follow them (log_prob_max_token_len_per_gpu) follow the override too.
+        assert values["actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"] == 4567, name
+        assert not {key for key in values if key.startswith("npd.") and ("steps" in key or "budget" in key)}
+
+
 def declared_gpus(recipe: str) -> tuple[int, int]:
     """(trainer, teacher) GPUs from the recipe's row of recipes/README.md's table."""
     table = open(os.path.join(RECIPES, "README.md")).read()

@@ -22,7 +22,7 @@ QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_checkpoints_the_finished_steps_and_exits_nonzero(toy_world, tmp_path, signum):
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "npd.total_steps=20",
+    args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=20",
             "trainer.save_freq=-1"]
     log = tmp_path / "log.txt"
     process = start_npd(args, log)
@@ -44,7 +44,7 @@ def test_a_signal_checkpoints_the_finished_steps_and_exits_nonzero(toy_world, tm
 
 def test_a_dead_rollout_server_stops_the_run_with_a_checkpoint_and_a_clear_error(toy_world, tmp_path):
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "npd.total_steps=20",
+    args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=20",
             "trainer.save_freq=-1", "npd.generation.max_retries=1"]
     log = tmp_path / "log.txt"
     process = start_npd(args, log)
@@ -111,7 +111,7 @@ DETERMINISTIC = [
     "npd.sync_interval=1",
     "npd.buffer.max_staleness=0",
     "npd.generation.max_concurrent_prompts=16",
-    "npd.total_steps=4",
+    "trainer.total_training_steps=4",
     "trainer.save_freq=2",
     "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
     "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]",
@@ -169,7 +169,7 @@ def test_a_served_teacher_restarted_mid_run_is_waited_for(toy_world, tmp_path):
         *FAST,
         *QUIET,
         f"npd.output_dir={out}",
-        "npd.total_steps=6",
+        "trainer.total_training_steps=6",
         f"npd.teacher.url=http://127.0.0.1:{port}/v1",
         "npd.teacher.model=toy",
         "ray_kwargs.ray_init.num_gpus=1",

@@ -15,11 +15,22 @@ from verl_npd.losses.distill import NPDLossConfig
 from verl_npd.rollout.buffer import check_staleness_bound
 
 
+# Settings that have one home, in verl's config, which NPD reads (a run naming the old key is told).
+MOVED_TO_VERL = {
+    "npd.total_steps": "trainer.total_training_steps",
+    "npd.packing.token_budget": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+}
+
+
 def from_mapping(cls, values: Mapping | None, prefix: str):
     """Build dataclass ``cls`` from a plain mapping, its nested dataclass fields from nested
     mappings, naming unknown keys with their full config path (``npd.buffer: unknown field(s) ...``)."""
     values = dict(values or {})
     known = {f.name: f for f in fields(cls)}
+    for name in values:
+        moved = MOVED_TO_VERL.get(f"{prefix}.{name}")
+        if moved:
+            raise ValueError(f"{prefix}.{name} is verl's {moved} (NPD reads verl's key); set that instead")
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{prefix}: unknown field(s) {unknown}; known fields: {sorted(known)}")
@@ -144,19 +155,14 @@ class TeacherConfig:
 
 @dataclass
 class PackingConfig:
-    """``npd.packing``: best-fit-decreasing packing of filtered samples into micro-batches."""
+    """``npd.packing``: best-fit-decreasing packing of filtered samples into micro-batches of verl's
+    ``actor_rollout_ref.actor.ppo_max_token_len_per_gpu`` tokens (prompt + response of every
+    sample in it), the budget verl's own dynamic micro-batching uses."""
 
-    token_budget: int = field(
-        default=4096, metadata={"help": "Tokens per packed micro-batch (prompt + response of every sample in it)."}
-    )
     truncate: bool = field(
         default=False,
-        metadata={"help": "Truncate a sample longer than the budget instead of failing with an error."},
+        metadata={"help": "Truncate a sample longer than the token budget instead of failing with an error."},
     )
-
-    def __post_init__(self):
-        if self.token_budget < 1:
-            raise ValueError(f"npd.packing.token_budget must be >= 1, got {self.token_budget}")
 
 
 def _loss_field(name: str):
@@ -190,7 +196,6 @@ class NPDConfig:
     sync_interval: int = field(
         default=2, metadata={"help": "Optimizer steps between weight syncs to the rollout engine (K)."}
     )
-    total_steps: int = field(default=30, metadata={"help": "Optimizer steps to train."})
     output_dir: str = field(
         default="outputs/npd", metadata={"help": "Where summary.json, the metrics history and plots are written."}
     )
@@ -221,8 +226,6 @@ class NPDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):
-        if self.total_steps < 1:
-            raise ValueError(f"npd.total_steps must be >= 1, got {self.total_steps}")
         if self.shutdown_timeout_s <= 0:
             raise ValueError(f"npd.shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
         if self.teacher_accuracy is not None and not 0.0 <= self.teacher_accuracy <= 1.0:

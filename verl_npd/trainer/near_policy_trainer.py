@@ -47,7 +47,7 @@ from verl_npd.rollout.cpu_server_registration import ROLLOUT_NAME as CPU_ROLLOUT
 from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
-from verl_npd.trainer.config import NPDConfig, PackingConfig
+from verl_npd.trainer.config import NPDConfig
 from verl_npd.trainer.student_export import has_hf_weights, publish_student, run_reward_function
 from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
 
@@ -236,7 +236,10 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         self._sync_weights(self.global_steps)
 
-        self.progress = {"step": self.global_steps, "total": self.npd.total_steps, "validations": []}
+        # verl's step count (trainer.total_training_steps, else epochs x batches), the one its
+        # learning-rate schedule was built for (ray_trainer.py:435-447).
+        total = self.total_training_steps
+        self.progress = {"step": self.global_steps, "total": total, "validations": []}
         if self.config.trainer.get("val_before_train", True) and not self.stop_requested.is_set():
             val_metrics = self._validate_student()
             summary.record_validation(self.global_steps, val_metrics, initial=True)
@@ -245,7 +248,6 @@ class NearPolicyTrainer(RayPPOTrainer):
 
         self.rollout_manager = self._build_rollout_manager()
         self.rollout_manager.start()
-        total = self.npd.total_steps
         progress = tqdm(total=total, initial=self.global_steps, desc="NPD training", unit="step")
         last_sync_step = self.global_steps
         try:
@@ -358,12 +360,14 @@ class NearPolicyTrainer(RayPPOTrainer):
         """One update; returns its metrics and the stream positions it trained on and dropped."""
         step_start = time.perf_counter()
         taken = self.buffer.take(self.samples_per_step, trainer_version=self.global_steps)
+        token_budget = self.config.actor_rollout_ref.actor.ppo_max_token_len_per_gpu
         packed = train_packed(
             self.actor_rollout_wg,
             [s.payload for s in taken.samples],
             data_parallel_size=self._get_dp_size(self.actor_rollout_wg, "actor"),
             pad_id=self.tokenizer.pad_token_id,
-            packing=self.npd.packing,
+            token_budget=token_budget,
+            truncate=self.npd.packing.truncate,
             temperature=self.config.actor_rollout_ref.rollout.temperature,
             seed=self.global_steps,
         )
@@ -382,7 +386,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             "npd/staleness_max": float(np.max(taken.staleness)),
             "npd/dropped_stale": float(len(taken.dropped_stale)),
             # The real fill: the micro-batches of every rank count.
-            "npd/packing_efficiency": packing_efficiency(packed.lengths, all_bins, self.npd.packing.token_budget),
+            "npd/packing_efficiency": packing_efficiency(packed.lengths, all_bins, token_budget),
             "npd/micro_batches": float(len(all_bins)),
             "npd/micro_batches_per_rank": float(len(packed.rank_bins[0])),
             "npd/buffer_queued": float(self.buffer.queued),
@@ -490,7 +494,8 @@ def train_packed(
     *,
     data_parallel_size: int,
     pad_id: int,
-    packing: PackingConfig,
+    token_budget: int,
+    truncate: bool = False,
     temperature: float,
     seed: int,
 ) -> PackedUpdate:
@@ -506,7 +511,7 @@ def train_packed(
     not depend on the number of ranks.
     """
     lengths = [len(s.prompt.prompt_ids) + len(s.response_ids) for s in samples]
-    rank_bins = pack_for_ranks(lengths, packing.token_budget, data_parallel_size, truncate=packing.truncate)
+    rank_bins = pack_for_ranks(lengths, token_budget, data_parallel_size, truncate=truncate)
     order, micro_batch = rank_major_order(rank_bins)
     batch = collate_samples([samples[i] for i in order], pad_id)
     batch.batch[MICRO_BATCH_KEY] = torch.tensor(micro_batch, dtype=torch.long)
@@ -526,7 +531,7 @@ def train_packed(
         dataloader_kwargs={"shuffle": False},
         compute_loss=True,
         use_dynamic_bsz=True,
-        max_token_len_per_gpu=packing.token_budget,
+        max_token_len_per_gpu=token_budget,
     )
     train_start = time.perf_counter()
     output = actor_wg.update_actor(batch_td)

@@ -25,9 +25,10 @@ def preflight(config: DictConfig) -> None:
         raise PreflightError("the config has no 'npd' section; extend verl_npd/config/npd_trainer.yaml")
     check_named(config)
     try:
-        NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
+        npd = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
     except (ValueError, TypeError) as e:
         raise PreflightError(f"invalid config: {e}") from None
+    check_token_budget(config, truncate=npd.packing.truncate)
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
 
@@ -61,6 +62,20 @@ def preflight(config: DictConfig) -> None:
     check_standalone_rollout(config.actor_rollout_ref.rollout)
     check_behaviour_log_probs(config.actor_rollout_ref.rollout)
     check_resources(config)
+
+
+def check_token_budget(config: DictConfig, truncate: bool) -> None:
+    """NPD packs each micro-batch to verl's ``ppo_max_token_len_per_gpu``; the longest sample the
+    data allows must fit one, unless ``npd.packing.truncate`` cuts it (else the first long sample
+    would stop the run mid-way)."""
+    budget = config.actor_rollout_ref.actor.ppo_max_token_len_per_gpu
+    longest = config.data.max_prompt_length + config.data.max_response_length
+    if budget < longest and not truncate:
+        raise PreflightError(
+            f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={budget} (NPD's micro-batch token budget) is less "
+            f"than the longest sample, data.max_prompt_length + data.max_response_length = {longest}; raise it, "
+            "or set npd.packing.truncate=true to cut such samples to the budget"
+        )
 
 
 def check_named(config: DictConfig) -> None:
