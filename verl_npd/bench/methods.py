@@ -16,37 +16,54 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from verl_npd.bench.settings import Recipe, Scale
+from verl_npd.platform.cpu_threads import THREADS_ENV
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     label: str
-    # Which entry point runs it: "npd" (python -m verl_npd.main_npd), "verl" (verl's
-    # python -m verl.trainer.main_ppo) or "sft" (verl's SFT trainer, verl_npd.bench.sft_trainer).
+    # Which entry point runs it: "npd" (python -m verl_npd.main_npd), "verl" (one of verl's trainers,
+    # ``module``) or "sft" (verl's SFT trainer, verl_npd.bench.sft_trainer).
     runner: str
     overrides: tuple[str, ...] = ()
-    # Runs verl's v1 trainer (gets the recipe's v1_overrides).
-    v1: bool = False
+    # verl runs: the config in the recipe's OPD folder the run starts from, and verl's entry point.
+    opd_config: str = "opd_baseline"
+    module: str = "verl.trainer.main_ppo"
     # The teacher is served by ``python -m verl_npd.serve`` (started and stopped by the benchmark,
     # ``served_teacher_command``) and the job scores through ``npd.teacher.url`` instead of a verl
     # teacher replica of its own (toy only).
     served_teacher: bool = False
+    # One of verl's own on-policy distillation modes: NPD's goals are stated against the best of them.
+    opd_mode: bool = False
 
 
 METHODS = (
     Method("npd", "NPD (default)", "npd"),
-    # The recipe's baseline as it is: verl's synchronous loop (toy: legacy trainer; GPU: v1 sync).
-    Method("opd", "verl OPD (sync)", "verl"),
-    # verl's built-in asynchronous OPD: the v1 trainer's colocate_async mode (rollout colocated with
-    # the trainer, partial rollouts carried across weight syncs, bounded by verl's default
-    # trainer.v1.sampler.max_off_policy_threshold).
+    # verl's synchronous loop (toy: the legacy trainer, the faster one for tiny runs; GPU recipes: the
+    # v1 sync mode), old-log-prob pass bypassed (topk_distillation.yaml).
+    Method("opd", "verl OPD, sync", "verl", opd_mode=True),
+    # verl's v1 asynchronous trainer with a standalone rollout pool: the rollout never stops for the
+    # update, weights go over a checkpoint engine every parameter_sync_step.
+    Method("opd_separate_async", "verl OPD, separate_async", "verl", opd_config="opd_separate_async", opd_mode=True),
+    # verl's experimental fully asynchronous trainer (rollouter and trainer as separate Ray actors,
+    # bounded staleness, partial rollouts).
     Method(
-        "opd_async",
-        "verl OPD (colocate_async)",
+        "opd_fully_async",
+        "verl OPD, fully_async",
+        "verl",
+        opd_config="opd_fully_async",
+        module="verl.experimental.fully_async_policy.fully_async_main",
+        opd_mode=True,
+    ),
+    # verl's v1 trainer's colocate_async mode (rollout colocated with the trainer, partial rollouts
+    # carried across weight syncs, verl's default trainer.v1.sampler.max_off_policy_threshold).
+    Method(
+        "opd_colocate_async",
+        "verl OPD, colocate_async",
         "verl",
         ("trainer.use_v1=true", "trainer.v1.trainer_mode=colocate_async"),
-        v1=True,
+        opd_mode=True,
     ),
     Method("sft", "SFT on teacher responses", "sft"),
     Method("npd_no_filter", "NPD, no Δ-IFD filter", "npd", ("npd.filter.enabled=false",)),
@@ -64,9 +81,9 @@ METHODS = (
     ),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
-# What the reference run compares (the issue's goals: NPD against verl's sync OPD and SFT). The
-# other three stay available; with three seeds they do not fit the reference run's time on 2 cores.
-DEFAULT_METHODS = ("npd", "opd", "sft")
+# What the reference run compares (the issue's goals): NPD against verl's sync and asynchronous OPD
+# modes and SFT. The others stay available with --methods.
+DEFAULT_METHODS = ("npd", "opd", "opd_separate_async", "opd_fully_async", "sft")
 
 
 def select_methods(names: list[str]) -> list[Method]:
@@ -85,9 +102,9 @@ class Command:
     steps_file: str = ""
 
 
-def run_overrides(runner: str, scale: Scale, val_files: str | None, seed: int) -> list[str]:
-    """The same run size and seed for NPD and verl runs (NPD counts its steps in npd.total_steps;
-    verl's trainer.total_training_steps follows it in the NPD config).
+def run_overrides(scale: Scale, val_files: str | None, seed: int, validate: bool = True) -> list[str]:
+    """The same run size and seed for NPD and verl runs (both count optimizer steps in verl's
+    trainer.total_training_steps, which verl's learning-rate schedule reads too).
 
     What a seed varies: ``data.seed`` is the order of the training prompts (NPD: the permutation of
     its prompt stream, and each sample's own sampling seed; verl: its dataloader's RandomSampler).
@@ -95,15 +112,15 @@ def run_overrides(runner: str, scale: Scale, val_files: str | None, seed: int) -
     tokens of every request that carries no seed of its own: verl's agent loop sends none, so it is
     OPD's sampling noise; NPD's requests all carry their own, so it changes nothing there and is
     set only so that every method gets the same overrides. The student is loaded, not initialised,
-    so nothing else is random.
+    so nothing else is random. ``validate=False`` (the thread trials): no validation at all.
     """
-    overrides = ["trainer.val_before_train=true", f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}"]
+    overrides = [f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}"]
+    overrides += ["trainer.val_before_train=true"] if validate else ["trainer.val_before_train=false", "trainer.test_freq=-1"]
     if scale.steps is not None:
-        steps_key = "npd.total_steps" if runner == "npd" else "trainer.total_training_steps"
-        overrides.append(f"{steps_key}={scale.steps}")
+        overrides.append(f"trainer.total_training_steps={scale.steps}")
     if scale.train_batch_size is not None:
         overrides.append(f"data.train_batch_size={scale.train_batch_size}")
-    if scale.test_freq is not None:
+    if scale.test_freq is not None and validate:
         overrides.append(f"trainer.test_freq={scale.test_freq}")
     if val_files is not None:
         overrides.append(f"data.val_files={val_files}")
@@ -118,17 +135,21 @@ def method_command(
     seed: int,
     run_dir: str,
     teacher_url: str | None = None,
+    threads: int | None = None,
+    validate: bool = True,
 ) -> Command:
     """The command of an NPD or verl method with one seed; its outputs all go under ``run_dir``.
-    ``teacher_url``: where the served teacher of a ``served_teacher`` method answers."""
+    ``teacher_url``: where the served teacher of a ``served_teacher`` method answers. ``threads``:
+    torch threads of each of its processes (``VERL_NPD_CPU_THREADS``; None: the default share)."""
     if method.served_teacher != (teacher_url is not None):
         raise ValueError(f"{method.name}: a teacher URL goes with served_teacher methods only, got {teacher_url!r}")
     served = [f"npd.teacher.url={teacher_url}", f"npd.teacher.model={SERVED_TEACHER_NAME}"] if teacher_url else []
+    env = thread_env(threads)
     common = [
         f"trainer.default_local_dir={run_dir}/checkpoints",
         "trainer.save_freq=-1",
         f"hydra.run.dir={run_dir}/hydra",
-        *run_overrides(method.runner, scale, val_files, seed),
+        *run_overrides(scale, val_files, seed, validate),
     ]
     if method.runner == "npd":
         argv = [
@@ -141,38 +162,53 @@ def method_command(
             *method.overrides,
             *served,
         ]  # fmt: skip
-        return Command(argv, steps_file=os.path.join(run_dir, "metrics.jsonl"))
+        return Command(argv, env=env, steps_file=os.path.join(run_dir, "metrics.jsonl"))
     if method.runner == "verl":
         metrics_file = os.path.join(run_dir, "metrics.jsonl")
         argv = [
-            sys.executable, "-m", "verl.trainer.main_ppo",
-            "--config-path", recipe.opd_config_dir, "--config-name", recipe.opd_config_name,
+            sys.executable, "-m", method.module,
+            "--config-path", recipe.opd_config_dir, "--config-name", method.opd_config,
             *common,
             # verl's own tracking, file backend: one JSON line per step at $VERL_FILE_LOGGER_PATH.
             "trainer.logger=[console,file]",
             *method.overrides,
-            *(recipe.v1_overrides if method.v1 else ()),
         ]  # fmt: skip
-        return Command(argv, env={"VERL_FILE_LOGGER_PATH": metrics_file}, steps_file=metrics_file)
+        return Command(argv, env={**env, "VERL_FILE_LOGGER_PATH": metrics_file}, steps_file=metrics_file)
     raise ValueError(f"{method.name}: use sft_command for runner {method.runner!r}")
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The environment that gives every process of a run ``threads`` torch threads (the CPU platform
+    applies it in each, verl_npd/platform/cpu_threads.py); none: the share ``main_npd`` or the
+    benchmark computes."""
+    return {} if threads is None else {THREADS_ENV: str(threads)}
 
 
 # The name the benchmark's served teacher answers to (npd.teacher.model).
 SERVED_TEACHER_NAME = "teacher"
 
 
-def served_teacher_command(teacher_dir: str, port: int) -> Command:
-    """``python -m verl_npd.serve`` on loopback: the teacher of a ``served_teacher`` method. It
-    inherits the environment, so the ``VERL_NPD_CPU_THREADS`` the benchmark sets for every method
-    (the share of a teacher replica) is its thread count too."""
+def served_teacher_command(teacher_dir: str, port: int, threads: int | None = None) -> Command:
+    """``python -m verl_npd.serve`` on loopback: the teacher of a ``served_teacher`` method, with the
+    method's threads per process (those of a teacher replica in the job)."""
     argv = [
         sys.executable, "-m", "verl_npd.serve", teacher_dir,
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_TEACHER_NAME,
     ]  # fmt: skip
-    return Command(argv)
+    return Command(argv, env=thread_env(threads))
 
 
-def sft_command(npd_config: DictConfig, responses_parquet: str, run_dir: str) -> Command:
+# The optimizer settings SFT copies from the NPD config (verl's FSDPOptimizerConfig, the same class in
+# both trainers): everything but the step count, which verl fills in, and unset/deprecated fields.
+SFT_OPTIM_KEYS = (
+    "optimizer", "optimizer_impl", "lr", "lr_warmup_steps_ratio", "lr_warmup_steps", "weight_decay", "clip_grad",
+    "min_lr_ratio", "num_cycles", "lr_scheduler_type", "zero_indexed_step",
+)  # fmt: skip
+
+
+def sft_command(
+    npd_config: DictConfig, responses_parquet: str, run_dir: str, threads: int | None = None, save: bool = True
+) -> Command:
     """verl's SFT trainer on the teacher's responses, with the NPD config's student, batch, optimiser,
     precision and token budget (``npd_config`` composed with the benchmark's run overrides). verl
     0.9.1's SFT trainer reads no seed (its sampler shuffles with a fixed one, and the student is
@@ -180,6 +216,7 @@ def sft_command(npd_config: DictConfig, responses_parquet: str, run_dir: str) ->
 
     A checkpoint is saved at every validation step of the other methods (``trainer.test_freq``);
     the benchmark evaluates them afterwards with the same greedy exact-match as their validation.
+    ``save=False`` (the thread trials): no checkpoints.
     """
     actor = npd_config.actor_rollout_ref.actor
     model = npd_config.actor_rollout_ref.model
@@ -200,16 +237,13 @@ def sft_command(npd_config: DictConfig, responses_parquet: str, run_dir: str) ->
         *(f"+model.override_config.{k}={v}" for k, v in model.override_config.items()),
         f"engine.strategy={actor.strategy}",
         f"+engine.mixed_precision={{{precision}}}",
-        f"optim.lr={optim.lr}",
-        f"optim.weight_decay={optim.weight_decay}",
-        f"optim.lr_warmup_steps_ratio={optim.lr_warmup_steps_ratio}",
-        f"optim.clip_grad={optim.clip_grad}",
+        *(f"optim.{key}={'null' if optim[key] is None else optim[key]}" for key in SFT_OPTIM_KEYS),
         f"optim.betas=[{','.join(str(b) for b in optim.betas)}]",
         f"trainer.device={npd_config.trainer.device}",
-        f"trainer.total_training_steps={npd_config.npd.total_steps}",
-        # The responses file holds exactly total_steps batches.
+        f"trainer.total_training_steps={npd_config.trainer.total_training_steps}",
+        # The responses file holds at least total_training_steps batches.
         "trainer.total_epochs=1",
-        f"trainer.save_freq={npd_config.trainer.test_freq}",
+        f"trainer.save_freq={npd_config.trainer.test_freq if save else -1}",
         "trainer.test_freq=-1",
         f"trainer.default_local_dir={run_dir}/checkpoints",
         "trainer.resume_mode=disable",
@@ -219,7 +253,7 @@ def sft_command(npd_config: DictConfig, responses_parquet: str, run_dir: str) ->
         f"hydra.run.dir={run_dir}/hydra",
     ]  # fmt: skip
     # One process, rank 0 of 1 (sft_trainer.py sets up the gloo group from these).
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", **thread_env(threads)}
     env["MASTER_PORT"] = str(free_port())
     return Command(argv, env=env, steps_file=timeline)
 

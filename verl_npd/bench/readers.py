@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from verl_npd.trainer.summary import validation_accuracy
+from verl_npd.trainer.summary import training_clock, validation_accuracy
 
 
 @dataclass
@@ -35,6 +35,8 @@ class MethodRun:
     # Validation points: {"step", "wall_s", "tokens", "accuracy"}; step 0 is the untrained student.
     curve: list[dict] = field(default_factory=list)
     train_wall_s: float = 0.0
+    # Optimizer steps trained.
+    steps: int = 0
     # Seconds the validations during training took (left out of train_wall_s and of the curve).
     validation_s: float = 0.0
     train_tokens: float = 0.0
@@ -79,24 +81,22 @@ def read_npd(run_dir: str) -> MethodRun:
     # The clock of summary.py starts before the initial validation; training starts after it.
     origin = initial[0]["wall_s"] if initial else 0.0
     curve = [{"step": 0, "wall_s": 0.0, "tokens": 0.0, "accuracy": initial[0]["accuracy"]}] if initial else []
-    tokens = validation_s = wall = 0.0
-    for row in history:
+    try:
+        clock = training_clock(history, origin)
+    except ValueError as e:
+        raise ValueError(f"{run_dir}/metrics.jsonl: {e}") from None
+    tokens = 0.0
+    for row, wall in zip(history, clock):
         tokens += row.get("perf/train_tokens", 0.0)
         accuracy = validation_accuracy(row)
         if accuracy is not None:
-            if "timing/validation" not in row:
-                raise ValueError(
-                    f"{run_dir}/metrics.jsonl: step {row['step']} was validated but has no timing/validation"
-                )
-            validation_s += row["timing/validation"]
-        wall = row["wall_s"] - origin - validation_s
-        if accuracy is not None:
             curve.append({"step": row["step"], "wall_s": wall, "tokens": tokens, "accuracy": accuracy})
+    wall = clock[-1] if clock else 0.0
     train_s = sum(r.get("timing/train", 0.0) for r in history)
     return MethodRun(
         curve=curve,
         train_wall_s=wall,
-        validation_s=validation_s,
+        validation_s=sum(r.get("timing/validation", 0.0) for r in history),
         train_tokens=tokens,
         breakdown_s=_breakdown(
             wall,
@@ -105,6 +105,7 @@ def read_npd(run_dir: str) -> MethodRun:
             sync=sum(r.get("timing/sync", 0.0) for r in history),
         ),
         trainer_tokens_per_s=tokens / train_s if train_s else None,
+        steps=len(history),
         packing_efficiency=summary.get("packing_efficiency"),
         kept_fraction=summary.get("kept_fraction"),
     )
@@ -112,11 +113,12 @@ def read_npd(run_dir: str) -> MethodRun:
 
 def read_verl(run_dir: str) -> MethodRun:
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    curve, wall, tokens, validation_s = [], 0.0, 0.0, 0.0
+    curve, wall, tokens, validation_s, steps = [], 0.0, 0.0, 0.0, 0
     generation_wait = train_s = sync = 0.0
     for row in sorted(rows, key=lambda r: r["step"]):
         data, step = row["data"], row["step"]
         if step > 0:
+            steps += 1
             wall += data.get("timing_s/step", 0.0)
             validation_s += data.get("timing_s/testing", 0.0)
             tokens += data.get("perf/total_num_tokens", 0.0)
@@ -133,13 +135,17 @@ def read_verl(run_dir: str) -> MethodRun:
         train_tokens=tokens,
         breakdown_s=_breakdown(wall, generation_wait, train_s, sync),
         trainer_tokens_per_s=tokens / train_s if train_s else None,
+        steps=steps,
     )
 
 
 def read_sft(run_dir: str, teacher_generation_s: float) -> MethodRun:
     timeline = {row["step"]: row for row in read_jsonl(os.path.join(run_dir, "timeline.jsonl"))}
-    with open(os.path.join(run_dir, "evaluations.json")) as f:
-        evaluations = json.load(f)
+    evaluations = []
+    # Absent in a thread trial, which saves no checkpoints to evaluate.
+    if os.path.exists(os.path.join(run_dir, "evaluations.json")):
+        with open(os.path.join(run_dir, "evaluations.json")) as f:
+            evaluations = json.load(f)
     curve = []
     for evaluation in evaluations:
         step = evaluation["step"]
@@ -158,4 +164,5 @@ def read_sft(run_dir: str, teacher_generation_s: float) -> MethodRun:
         train_tokens=tokens,
         breakdown_s=_breakdown(wall, teacher_generation_s, train_s, 0.0),
         trainer_tokens_per_s=tokens / train_s if train_s else None,
+        steps=len(timeline),
     )

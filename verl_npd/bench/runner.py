@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -26,7 +27,7 @@ from verl_npd.bench.methods import (
     sft_command,
 )
 from verl_npd.bench.settings import REPO_ROOT, Recipe, Scale
-from verl_npd.platform.cpu_threads import share_cores
+from verl_npd.platform.cpu_threads import OMP_WAIT_POLICY_ENV, compute_processes_per_node, node_cores
 
 
 def _start(command: Command, log_path: str) -> subprocess.Popen:
@@ -99,46 +100,102 @@ def _log_tail(path: str, lines: int = 20) -> str:
         return "".join(f.readlines()[-lines:])
 
 
+def source_state(out_dir: str) -> dict:
+    """The commit the benchmark's code came from and whether the checkout had local changes
+    (tracked or untracked files, outside ``out_dir``), so that results say which code made them."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "local_changes": None, "note": f"{REPO_ROOT} is not a git checkout"}
+    out = os.path.relpath(os.path.abspath(out_dir), REPO_ROOT)
+    changed = [line[3:] for line in status.splitlines() if not line[3:].startswith(out + os.sep)]
+    return {"commit": commit, "local_changes": bool(changed), "changed_files": changed[:20]}
+
+
+def reference_results_dir(out_dir: str) -> bool:
+    """Whether ``out_dir`` is under the checkout's docs/benchmarks, where committed results live."""
+    docs = os.path.join(REPO_ROOT, "docs", "benchmarks")
+    return os.path.commonpath([os.path.abspath(out_dir), docs]) == docs
+
+
 class Benchmark:
-    def __init__(self, recipe: Recipe, scale: Scale, methods: list[Method], out_dir: str):
+    def __init__(
+        self,
+        recipe: Recipe,
+        scale: Scale,
+        methods: list[Method],
+        out_dir: str,
+        threads: str | list[int] | None = None,
+        trial_steps: int = 20,
+        teacher_accuracy: float | None = None,
+    ):
+        """``threads``, torch threads per process: None, the default share for every method; one
+        number, that for every method; several, each method is tried with each before its seeds run
+        (``trial_steps`` steps) and keeps the fastest; "auto", those of the default share and of
+        every core."""
         self.recipe, self.scale, self.methods = recipe, scale, methods
         self.out_dir = os.path.abspath(out_dir)
         self.data_dir = os.path.join(self.out_dir, "data")
         self.val_files: str | None = None
-        self.teacher_accuracy: float | None = None
+        self.teacher_accuracy = teacher_accuracy
+        self.threads = threads
+        self.trial_steps = trial_steps
 
     def run(self) -> dict:
         """Every method once per seed; seed after seed, so that a drift of the machine over the
         benchmark's time falls on every method alike."""
+        source = source_state(self.out_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         if self.recipe.toy:
-            self.share_cores()
+            os.environ.setdefault(OMP_WAIT_POLICY_ENV, "PASSIVE")
             self._prepare_toy()
-        methods = {m.name: {"label": m.label, "runs": []} for m in self.methods}
+        splits = self._thread_splits()
+        methods = {
+            m.name: {"label": m.label, "opd_mode": m.opd_mode, "runs": [], "threads": splits[0] if splits else None}
+            for m in self.methods
+        }
         for m in self.methods:
             shutil.rmtree(os.path.join(self.out_dir, m.name), ignore_errors=True)  # NPD appends: start clean
-            if m.runner == "sft" and not self.recipe.toy:
-                error = "SFT data is made from the toy teacher; GPU recipes have no SFT run"
-                methods[m.name].update(status="skipped", error=error)
-            if m.served_teacher and not self.recipe.toy:
-                error = (
-                    "the benchmark serves the toy teacher with python -m verl_npd.serve; on GPUs serve the "
-                    "recipe's teacher with vLLM and give its URL as npd.teacher.url (README)"
-                )
-                methods[m.name].update(status="skipped", error=error)
+            skipped = self._why_skipped(m)
+            if skipped:
+                methods[m.name].update(status="skipped", error=skipped)
         runnable = [m for m in self.methods if methods[m.name].get("status") != "skipped"]
+        trials = self._thread_trials(runnable, splits) if len(splits) > 1 else {}
+        for name, tried in trials.items():
+            fastest = min((t for t in tried if t["status"] == "ok"), key=lambda t: t["train_s_per_step"], default=None)
+            if fastest is not None:
+                methods[name]["threads"] = fastest["threads"]
         plan = [(seed, m) for seed in self.scale.seed_values for m in runnable]
         for index, (seed, method) in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {method.name} seed {seed}"
-            print(f"\n{tag}: {method.label}", flush=True)
-            run = self._run_method(method, seed, tag)
+            print(f"\n{tag}: {method.label}, {methods[method.name]['threads']} threads per process", flush=True)
+            run_dir = os.path.join(self.out_dir, method.name, f"seed{seed}")
+            run = self._run_method(method, seed, tag, run_dir, methods[method.name]["threads"])
             methods[method.name]["runs"].append(run)
             print(f"{tag}: {run['status']} in {run['process_wall_s']:.0f} s", flush=True)
-        results = report.build_results(self._settings(), self.teacher_accuracy, methods)
+        results = report.build_results({**self._settings(), **source}, self.teacher_accuracy, methods)
+        if trials:
+            results["thread_trials"] = trials
         markdown = report.write_results(results, self.out_dir)
         print("\n" + markdown)
         print(f"written to {self.out_dir}/results.json, results.md and the PNGs")
         return results
+
+    def _why_skipped(self, method: Method) -> str | None:
+        if method.runner == "sft" and not self.recipe.toy:
+            return "SFT data is made from the toy teacher; GPU recipes have no SFT run"
+        if method.served_teacher and not self.recipe.toy:
+            return (
+                "the benchmark serves the toy teacher with python -m verl_npd.serve; on GPUs serve the "
+                "recipe's teacher with vLLM and give its URL as npd.teacher.url (README)"
+            )
+        if method.runner == "verl" and not self.recipe.has_opd_config(method.opd_config):
+            return f"the recipe has no config/{method.opd_config}.yaml"
+        return None
 
     def _settings(self) -> dict:
         scale = self.scale
@@ -149,18 +206,53 @@ class Benchmark:
             "validation prompts": scale.val_size or "all",
             "validation every": f"{scale.test_freq} steps" if scale.test_freq else "recipe default",
             "seeds": scale.seed_values,
+            "threads per process": self._thread_splits() or "the default share",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         }
 
-    def share_cores(self) -> None:
-        """Every method's processes inherit the same share of the cores (verl_npd/platform/cpu_threads.py):
-        the NPD config's, which counts a teacher replica, so a served teacher's process gets the
-        share a replica would."""
-        share_cores(self._npd_config(self.scale.seed_values[0]))
+    def _thread_splits(self) -> list[int]:
+        """The torch threads per process to run (one) or try (several); none: each entry point's own
+        default share."""
+        if self.threads is None:
+            return []
+        if self.threads == "auto":
+            if not self.recipe.toy:
+                return []
+            # The share main_npd gives each process of the NPD config (counting a teacher replica, so a
+            # served teacher gets a replica's share), and every core.
+            share = max(1, node_cores() // compute_processes_per_node(self._npd_config(self.scale.seed_values[0])))
+            return sorted({share, node_cores()})
+        return list(self.threads)
+
+    # ---- thread trials ------------------------------------------------------------------------
+
+    def _thread_trials(self, methods: list[Method], splits: list[int]) -> dict[str, list[dict]]:
+        """Each method, seed 1, ``trial_steps`` steps without validation, once per thread split:
+        its training wall-clock per step."""
+        trials: dict[str, list[dict]] = {}
+        plan = [(m, threads) for m in methods for threads in splits]
+        for index, (method, threads) in enumerate(plan, 1):
+            tag = f"[trial {index}/{len(plan)}] {method.name}, {threads} threads per process"
+            print(f"\n{tag}", flush=True)
+            run_dir = os.path.join(self.out_dir, "thread_trials", method.name, f"threads{threads}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run = self._run_method(method, 1, tag, run_dir, threads, trial=True)
+            trial = {"threads": threads, "status": run["status"], "process_wall_s": run["process_wall_s"]}
+            if run["status"] == "ok":
+                trial["train_s_per_step"] = run["train_s_per_step"]
+                print(f"{tag}: {run['train_s_per_step']:.3f} s per step", flush=True)
+            else:
+                trial["error"] = run.get("error")
+                print(f"{tag}: failed (see {run_dir}/run.log)", flush=True)
+            trials.setdefault(method.name, []).append(trial)
+        return trials
+
+    def _trial_scale(self) -> Scale:
+        return replace(self.scale, steps=self.trial_steps, test_freq=-1)
 
     # ---- the toy world's own data -------------------------------------------------------------
 
-    def _npd_config(self, seed: int):
+    def _npd_config(self, seed: int, scale: Scale | None = None):
         """The NPD config with the benchmark's scale and seed: what SFT copies its settings from."""
         import verl  # noqa: F401  (loads the verl-npd plugin)
         from hydra import compose, initialize_config_dir
@@ -174,7 +266,7 @@ class Benchmark:
         with initialize_config_dir(config_dir=self.recipe.npd_config_dir, version_base=None):
             return compose(
                 config_name=self.recipe.npd_config_name,
-                overrides=run_overrides("npd", self.scale, self.val_files, seed),
+                overrides=run_overrides(scale or self.scale, self.val_files, seed),
             )
 
     def _prepare_toy(self) -> None:
@@ -183,63 +275,81 @@ class Benchmark:
 
         print("preparing the toy world, the validation set and the teacher's accuracy on it", flush=True)
         world = ensure_toy_world()
-        self.val_files = toy_data.validation_subset(world.val_parquet, self.scale.val_size, self.data_dir)
+        self.val_files = toy_data.validation_set(world, self.scale.val_size, self.data_dir)
         self.teacher_accuracy = toy_data.model_accuracy(world.teacher_dir, self.val_files)
         print(f"teacher accuracy {self.teacher_accuracy:.3f} on {self.val_files}", flush=True)
 
     # ---- one method, one seed ----------------------------------------------------------------
 
-    def _run_method(self, method: Method, seed: int, desc: str) -> dict:
-        run_dir = os.path.join(self.out_dir, method.name, f"seed{seed}")
+    def _run_method(
+        self, method: Method, seed: int, desc: str, run_dir: str, threads: int | None, trial: bool = False
+    ) -> dict:
+        """One run; ``trial``: the thread trial's size and no validation, and the result is its
+        training wall-clock per step."""
         os.makedirs(run_dir)
         log_path = os.path.join(run_dir, "run.log")
         result = {"seed": seed, "log": os.path.relpath(log_path, self.out_dir)}
         if method.runner == "sft":
-            return {**result, **self._run_sft(seed, run_dir, log_path, desc)}
-        if method.served_teacher:
-            return {**result, **self._run_with_served_teacher(method, seed, run_dir, log_path, desc)}
-        command = method_command(method, self.recipe, self.scale, self.val_files, seed, run_dir)
-        returncode, wall = run_command(command, log_path, self.scale.steps, desc)
+            return {**result, **self._run_sft(seed, run_dir, log_path, desc, threads, trial)}
+        scale = self._trial_scale() if trial else self.scale
         read = readers.read_npd if method.runner == "npd" else readers.read_verl
-        return {**result, **self._outcome(returncode, wall, log_path, lambda: read(run_dir))}
+        if method.served_teacher:
+            return {**result, **self._run_with_served_teacher(method, seed, run_dir, log_path, desc, threads, trial)}
+        command = method_command(
+            method, self.recipe, scale, self.val_files, seed, run_dir, threads=threads, validate=not trial
+        )
+        returncode, wall = run_command(command, log_path, scale.steps, desc)
+        return {**result, **self._outcome(returncode, wall, log_path, lambda: read(run_dir), trial)}
 
     @contextlib.contextmanager
-    def served_teacher(self, seed: int, run_dir: str) -> Iterator[tuple[str, float]]:
-        """The NPD config's teacher behind ``python -m verl_npd.serve`` on a free loopback port, its
-        output in ``run_dir/teacher_server.log``: yields its URL and its start-up seconds."""
+    def served_teacher(self, seed: int, run_dir: str, threads: int | None = None) -> Iterator[tuple[str, float]]:
+        """The NPD config's teacher behind ``python -m verl_npd.serve`` on a free loopback port, with
+        the method's threads, its output in ``run_dir/teacher_server.log``: yields its URL and its
+        start-up seconds."""
         teacher_dir = self._npd_config(seed).distillation.teacher_models.teacher_model.model_path
         port = free_port()
         log_path = os.path.join(run_dir, "teacher_server.log")
-        with serving(served_teacher_command(teacher_dir, port), port, log_path) as served:
+        with serving(served_teacher_command(teacher_dir, port, threads), port, log_path) as served:
             yield served
 
-    def _run_with_served_teacher(self, method: Method, seed: int, run_dir: str, log_path: str, desc: str) -> dict:
+    def _run_with_served_teacher(
+        self, method: Method, seed: int, run_dir: str, log_path: str, desc: str, threads: int | None, trial: bool
+    ) -> dict:
         """Process wall: the served teacher's start-up (a teacher replica's is inside the job's
         process wall), then the job's. Training time leaves both out, as it does all set-up."""
+        scale = self._trial_scale() if trial else self.scale
         try:
-            with self.served_teacher(seed, run_dir) as (url, start_s):
+            with self.served_teacher(seed, run_dir, threads) as (url, start_s):
                 print(f"teacher served at {url} (started in {start_s:.0f} s)", flush=True)
-                command = method_command(method, self.recipe, self.scale, self.val_files, seed, run_dir, url)
-                returncode, wall = run_command(command, log_path, self.scale.steps, desc)
+                command = method_command(
+                    method, self.recipe, scale, self.val_files, seed, run_dir, url, threads, validate=not trial
+                )
+                returncode, wall = run_command(command, log_path, scale.steps, desc)
         except RuntimeError as e:
             return {"returncode": None, "process_wall_s": 0.0, "status": "failed", "error": str(e)}
-        outcome = self._outcome(returncode, start_s + wall, log_path, lambda: readers.read_npd(run_dir))
+        outcome = self._outcome(returncode, start_s + wall, log_path, lambda: readers.read_npd(run_dir), trial)
         return {**outcome, "teacher_server_start_s": start_s}
 
-    def _run_sft(self, seed: int, run_dir: str, log_path: str, desc: str) -> dict:
+    def _run_sft(self, seed: int, run_dir: str, log_path: str, desc: str, threads: int | None, trial: bool) -> dict:
         """Process wall: the teacher's generation (as recorded when it was made), the SFT process and
-        the evaluation of its checkpoints."""
+        the evaluation of its checkpoints. A trial trains on the first batches of the full run's
+        responses and evaluates nothing."""
         from verl_npd.bench import toy_data
 
         config = self._npd_config(seed)
-        n_prompts = config.npd.total_steps * config.data.train_batch_size
+        n_prompts = config.trainer.total_training_steps * config.data.train_batch_size
         print(f"teacher responses for {n_prompts} training prompts (made once per seed, then cached)", flush=True)
         teacher_dir = config.distillation.teacher_models.teacher_model.model_path
         responses, generation_s = toy_data.teacher_responses(
             teacher_dir, config.data.train_files, n_prompts, seed, self.data_dir
         )
-        command = sft_command(config, responses, run_dir)
-        returncode, wall = run_command(command, log_path, config.npd.total_steps, desc)
+        if trial:
+            config = self._npd_config(seed, self._trial_scale())
+        command = sft_command(config, responses, run_dir, threads, save=not trial)
+        steps = config.trainer.total_training_steps
+        returncode, wall = run_command(command, log_path, steps, desc)
+        if trial:
+            return self._outcome(returncode, wall, log_path, lambda: readers.read_sft(run_dir, 0.0), trial)
         if returncode == 0:
             print("evaluating the SFT checkpoints", flush=True)
             start = time.perf_counter()
@@ -251,11 +361,14 @@ class Benchmark:
         return {**outcome, "teacher_generation_s": generation_s}
 
     @staticmethod
-    def _outcome(returncode: int, wall: float, log_path: str, read) -> dict:
+    def _outcome(returncode: int, wall: float, log_path: str, read, trial: bool = False) -> dict:
         outcome = {"returncode": returncode, "process_wall_s": wall}
         if returncode != 0:
             return {**outcome, "status": "failed", "error": _log_tail(log_path)}
         run = read()
+        if trial:
+            steps = run.steps or 1
+            return {**outcome, "status": "ok", "train_s_per_step": run.train_wall_s / steps}
         if not run.curve:
             return {**outcome, "status": "failed", "error": "the run recorded no validation accuracy"}
         return {**outcome, "status": "ok", **run.as_dict()}

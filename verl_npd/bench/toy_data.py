@@ -19,13 +19,27 @@ import numpy as np
 import pandas as pd
 
 
-def validation_subset(val_parquet: str, size: int | None, out_dir: str) -> str:
-    """The first ``size`` rows of ``val_parquet`` as a parquet under ``out_dir`` (all rows: the file itself)."""
-    frame = pd.read_parquet(val_parquet)
-    if size is None or size >= len(frame):
-        return val_parquet
-    path = os.path.join(out_dir, f"val_first{size}.parquet")
-    frame.head(size).to_parquet(path, index=False)
+def validation_set(world, size: int, out_dir: str) -> str:
+    """``size`` held-out prompts of the toy task as a parquet under ``out_dir``: the world's
+    ``val.parquet`` (its first ``size`` rows when that is enough), then further problems of the
+    validation split, drawn after the world's own validation and warm-up (dev) prompts, so that
+    none was trained on (the splits are disjoint by a hash of the prompt) and none decided when the
+    student's warm-up stopped. The draw is the world's own (same seed), so it repeats exactly."""
+    from verl_npd.toy.task import generate_problems
+    from verl_npd.toy.world import manifest_of, write_parquet
+
+    frame = pd.read_parquet(world.val_parquet)
+    path = os.path.join(out_dir, f"val_{size}.parquet")
+    if size <= len(frame):
+        frame.head(size).to_parquet(path, index=False)
+        return path
+    build = manifest_of(world)["config"]
+    n_val, n_dev = build["n_val_prompts"], build["n_dev_prompts"]
+    problems = generate_problems(n_val + n_dev + size - len(frame), build["seed"], "val")
+    world_prompts = [messages[-1]["content"] for messages in frame["prompt"]]
+    if [p.prompt for p in problems[: len(frame)]] != world_prompts:
+        raise ValueError(f"{world.val_parquet} is not the draw of its world's build config; rebuild the toy world")
+    write_parquet(problems[:n_val] + problems[n_val + n_dev :], "val", path)
     return path
 
 

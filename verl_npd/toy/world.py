@@ -137,7 +137,7 @@ def read_problems(parquet_path: str) -> tuple[list[str], list[str]]:
     return prompts, answers
 
 
-def _write_parquet(problems: list[Problem], split: str, path: str) -> None:
+def write_parquet(problems: list[Problem], split: str, path: str) -> None:
     """Rows in verl's RL dataset format (as in verl's examples/data_preprocess/gsm8k.py)."""
     import pandas as pd
 
@@ -189,8 +189,8 @@ def build_world(out_dir: str, config: BuildConfig, *, quiet: bool = False) -> di
         # One draw for val and dev keeps them disjoint (generate_problems never repeats a problem).
         held_out = generate_problems(config.n_val_prompts + config.n_dev_prompts, config.seed, "val")
         val_problems, dev_problems = held_out[: config.n_val_prompts], held_out[config.n_val_prompts :]
-        _write_parquet(sft_problems[: config.n_train_prompts], "train", os.path.join(out_dir, paths["train_parquet"]))
-        _write_parquet(val_problems, "val", os.path.join(out_dir, paths["val_parquet"]))
+        write_parquet(sft_problems[: config.n_train_prompts], "train", os.path.join(out_dir, paths["train_parquet"]))
+        write_parquet(val_problems, "val", os.path.join(out_dir, paths["val_parquet"]))
 
         def accuracy_on(problems: list[Problem], model) -> float:
             return evaluate_accuracy(model, tokenizer, [p.prompt for p in problems], [p.answer for p in problems])

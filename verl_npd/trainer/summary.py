@@ -20,6 +20,22 @@ def validation_accuracy(val_metrics: dict[str, float]) -> float | None:
     return float(val_metrics[keys[0]]) if keys else None
 
 
+def training_clock(rows: list[dict[str, Any]], origin_s: float) -> list[float]:
+    """The training wall-clock at each step row of ``metrics.jsonl`` (``wall_s`` since the run's
+    clock started): from ``origin_s`` (the end of the initial validation) with every validation
+    since left out (a validated step's row holds its ``timing/validation``), so that validation, the
+    measuring instrument, costs no method training time. The summary's wait share and the
+    benchmark's clock are both this."""
+    clock, validation_s = [], 0.0
+    for row in rows:
+        if validation_accuracy(row) is not None:
+            if "timing/validation" not in row:
+                raise ValueError(f"step {row['step']} was validated but has no timing/validation")
+            validation_s += row["timing/validation"]
+        clock.append(row["wall_s"] - origin_s - validation_s)
+    return clock
+
+
 @dataclass
 class RunSummary:
     """``resume_step``: the checkpoint step this run starts from (0 for a fresh run). Rows of an
@@ -73,6 +89,8 @@ class RunSummary:
         train_s = sum(r.get("timing/train", 0.0) for r in self.history)
         tokens = sum(r.get("perf/train_tokens", 0.0) for r in self.history)
         wait_s = sum(r.get("timing/wait_gen", 0.0) for r in self.history)
+        origin = next((v["wall_s"] for v in self.validations if v["step"] == self.resume_step), 0.0)
+        training_s = training_clock(self.history, origin)[-1] if self.history else 0.0
         final = self.validations[-1]["accuracy"] if self.validations else None
         result = {
             "student_accuracy_before": self.initial_accuracy,
@@ -84,7 +102,9 @@ class RunSummary:
             "student_dir": student_dir,
             "wall_time_s": wall,
             "trainer_tokens_per_s": tokens / train_s if train_s else None,
-            "trainer_wait_share": wait_s / wall if wall else None,
+            # Over training time, validations left out, as the benchmark computes it.
+            "training_time_s": training_s,
+            "trainer_wait_share": wait_s / training_s if training_s > 0 else None,
             "packing_efficiency": _mean_of(self.history, "npd/packing_efficiency"),
             "kept_fraction": _mean_of(self.history, "npd/kept_fraction"),
             "staleness_max": max((r.get("npd/staleness_max", 0.0) for r in self.history), default=None),
