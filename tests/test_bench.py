@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from verl_npd.bench import readers, report
 from verl_npd.bench.methods import (
     SERVED_TEACHER_NAME,
+    SFT_OPTIM_KEYS,
     free_port,
     method_command,
     run_overrides,
@@ -442,8 +443,10 @@ def test_mini_benchmark_npd_opd_sft(toy_world, tmp_path):
         assert config["data"]["seed"] == 1 and config["actor_rollout_ref"]["rollout"]["seed"] == 1, name
     # SFT trained with NPD's optimiser and batch, on 2 steps x 16 teacher responses of seed 1.
     npd_optim, sft_config = composed("npd")["actor_rollout_ref"]["actor"]["optim"], composed("sft")
-    for key in ("lr", "weight_decay", "clip_grad", "betas"):
+    for key in (*SFT_OPTIM_KEYS, "betas"):
         assert sft_config["optim"][key] == npd_optim[key], key
+    assert sft_config["optim"]["lr_scheduler_type"] == "cosine"  # the toy's schedule, over the same steps
+    assert sft_config["trainer"]["total_training_steps"] == composed("npd")["trainer"]["total_training_steps"] == 2
     assert sft_config["data"]["train_batch_size"] == 16
     timeline = [json.loads(line) for line in (out / "sft" / "seed1" / "timeline.jsonl").read_text().splitlines()]
     assert [row["step"] for row in timeline] == [1, 2]

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import read_jsonl, run_module, run_on_policy
 
 
@@ -18,11 +20,12 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     result = run_module("verl_npd.main_npd", args, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 90
+    assert summary["steps"] == 200
     assert summary["student_accuracy_before"] is not None and summary["student_accuracy_after"] is not None
-    # The student must clearly improve (the toy teacher is ~97%; a reference run went 31% -> 49%).
-    assert summary["student_accuracy_after"] >= summary["student_accuracy_before"] + 0.08, summary
+    # The demo's promise: the student ends at 90% of the teacher's accuracy or above (reference runs on
+    # 2 cores: 29.7% -> 95.7% and 96.3%, the teacher at 98.6%).
     assert summary["teacher_accuracy"] > 0.9
+    assert summary["student_accuracy_after"] >= 0.9 * summary["teacher_accuracy"], summary
     history = read_jsonl(out / "metrics.jsonl")
     # The default bound (npd.buffer.max_staleness=2) is reached, never passed, and nothing went stale.
     assert max(row["npd/staleness_max"] for row in history) == 2
@@ -91,18 +94,36 @@ def check_the_exported_student(out, summary, stdout, final_validation, toy_world
 NEWEST_TRL = "trl==1.16.0"
 
 
-def test_on_policy_run_beside_the_newest_trl(toy_world, tmp_path):
+def test_on_policy_run_beside_the_newest_trl_follows_the_lr_schedule_of_its_step_count(toy_world, tmp_path):
     """Run beside the newest TRL, as most users' environments have it: on the path of the driver
-    and, through the environment Ray passes on, of every worker."""
+    and, through the environment Ray passes on, of every worker. The run also checks that NPD's step
+    count is the one verl's learning-rate schedule was built for: with a warm-up and a cosine decay
+    over verl's trainer.total_training_steps (run_on_policy's 4), the learning rate after each step
+    is the schedule's closed form for 4 steps (after the last one: the floor)."""
     trl_dir = tmp_path / "trl"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(trl_dir), NEWEST_TRL]
     subprocess.run(pip, check=True)
     python_path = os.pathsep.join(filter(None, [str(trl_dir), os.environ.get("PYTHONPATH")]))
-    run_on_policy(
+    lr, warmup, floor, steps = 1e-3, 1, 0.1, 4
+    schedule = [
+        "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine",
+        f"actor_rollout_ref.actor.optim.lr={lr}",
+        f"actor_rollout_ref.actor.optim.lr_warmup_steps={warmup}",
+        f"actor_rollout_ref.actor.optim.min_lr_ratio={floor}",
+    ]
+    history = run_on_policy(
         tmp_path / "run",
-        ["trainer.val_before_train=false", "trainer.test_freq=-1"],
+        ["trainer.val_before_train=false", "trainer.test_freq=-1", *schedule],
         env={"PYTHONPATH": python_path},
+        steps=steps,
     )
+
+    def cosine(t: int) -> float:  # the rate after t optimizer steps
+        progress = (t - warmup) / (steps - warmup)
+        return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+    assert [row["actor/lr"] for row in history] == pytest.approx([cosine(t) for t in range(1, steps + 1)], rel=1e-6)
+    assert history[-1]["actor/lr"] == pytest.approx(lr * floor)
 
 
 def test_standalone_rollout_gets_exact_weights_through_the_gloo_engine(toy_world, tmp_path):
