@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--mini",
         action="store_true",
-        help="smoke-test size: 2 steps of 16 prompts, 32 validation prompts, validation every step, one seed",
+        help="smoke-test size: 2 steps of 16 prompts, 32 validation prompts, validated before and after, one seed",
     )
     parser.add_argument(
         "--gpu-recipe",

@@ -36,6 +36,16 @@ class Method:
     served_teacher: bool = False
     # One of verl's own on-policy distillation modes: NPD's goals are stated against the best of them.
     opd_mode: bool = False
+    # How the method's trainer counts a run's size: "steps", optimizer steps in
+    # trainer.total_training_steps, prompts per step in data.train_batch_size; "sync_groups" (verl's
+    # separate_async), a step is ``updates_per_step`` optimizer updates of
+    # actor.ppo_mini_batch_size prompts and one weight sync (data.train_batch_size holds them all);
+    # "rollout_prompts" (verl's fully_async), the rollouter's prompt budget
+    # (rollout.total_rollout_steps) ends the run, trainer.total_training_steps only shapes the
+    # learning-rate schedule, and a logged step is one weight sync of ``updates_per_step`` updates.
+    sizing: str = "steps"
+    # Optimizer updates per step as verl logs it (and counts trainer.test_freq in).
+    updates_per_step: int = 1
 
 
 METHODS = (
@@ -45,9 +55,19 @@ METHODS = (
     Method("opd", "verl OPD, sync", "verl", opd_mode=True),
     # verl's v1 asynchronous trainer with a standalone rollout pool: the rollout never stops for the
     # update, weights go over a checkpoint engine every parameter_sync_step.
-    Method("opd_separate_async", "verl OPD, separate_async", "verl", opd_config="opd_separate_async", opd_mode=True),
+    # Its config's trainer.v1.separate_async.parameter_sync_step is updates_per_step.
+    Method(
+        "opd_separate_async",
+        "verl OPD, separate_async",
+        "verl",
+        opd_config="opd_separate_async",
+        opd_mode=True,
+        sizing="sync_groups",
+        updates_per_step=2,
+    ),
     # verl's experimental fully asynchronous trainer (rollouter and trainer as separate Ray actors,
-    # bounded staleness, partial rollouts).
+    # bounded staleness, partial rollouts); its config's async_training.trigger_parameter_sync_step is
+    # updates_per_step.
     Method(
         "opd_fully_async",
         "verl OPD, fully_async",
@@ -55,6 +75,8 @@ METHODS = (
         opd_config="opd_fully_async",
         module="verl.experimental.fully_async_policy.fully_async_main",
         opd_mode=True,
+        sizing="rollout_prompts",
+        updates_per_step=2,
     ),
     # verl's v1 trainer's colocate_async mode (rollout colocated with the trainer, partial rollouts
     # carried across weight syncs, verl's default trainer.v1.sampler.max_off_policy_threshold).
@@ -102,9 +124,16 @@ class Command:
     steps_file: str = ""
 
 
-def run_overrides(scale: Scale, val_files: str | None, seed: int, validate: bool = True) -> list[str]:
-    """The same run size and seed for NPD and verl runs (both count optimizer steps in verl's
-    trainer.total_training_steps, which verl's learning-rate schedule reads too).
+def run_overrides(
+    scale: Scale,
+    val_files: str | None,
+    seed: int,
+    validate: bool = True,
+    method: Method = METHODS[0],
+    prompts_per_step: int | None = None,
+) -> list[str]:
+    """The same run size and seed for every method: N optimizer steps of B prompts, validated every
+    V optimizer steps, in each trainer's own terms (``size_overrides``).
 
     What a seed varies: ``data.seed`` is the order of the training prompts (NPD: the permutation of
     its prompt stream, and each sample's own sampling seed; verl: its dataloader's RandomSampler).
@@ -116,14 +145,42 @@ def run_overrides(scale: Scale, val_files: str | None, seed: int, validate: bool
     """
     overrides = [f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}"]
     overrides += ["trainer.val_before_train=true"] if validate else ["trainer.val_before_train=false", "trainer.test_freq=-1"]
-    if scale.steps is not None:
-        overrides.append(f"trainer.total_training_steps={scale.steps}")
-    if scale.train_batch_size is not None:
-        overrides.append(f"data.train_batch_size={scale.train_batch_size}")
-    if scale.test_freq is not None and validate:
-        overrides.append(f"trainer.test_freq={scale.test_freq}")
+    overrides += size_overrides(method, scale, validate, prompts_per_step)
     if val_files is not None:
         overrides.append(f"data.val_files={val_files}")
+    return overrides
+
+
+def size_overrides(method: Method, scale: Scale, validate: bool, prompts_per_step: int | None) -> list[str]:
+    """N optimizer steps (``scale.steps``) of B prompts (``scale.train_batch_size``, else
+    ``prompts_per_step``) validated every V optimizer steps, in the keys ``method.sizing`` says its
+    trainer counts them in (None in ``scale``: the recipe's own)."""
+    k = method.updates_per_step
+
+    def in_verl_steps(what: str, n: int) -> int:
+        if n % k:
+            raise ValueError(f"{method.name} counts {k} optimizer steps per step: {what} {n} is not a multiple of {k}")
+        return n // k
+
+    steps, batch = scale.steps, scale.train_batch_size
+    overrides = []
+    if scale.test_freq is not None and validate:
+        overrides.append(f"trainer.test_freq={in_verl_steps('the validation interval', scale.test_freq)}")
+    if method.sizing == "steps":
+        overrides += [] if steps is None else [f"trainer.total_training_steps={steps}"]
+        overrides += [] if batch is None else [f"data.train_batch_size={batch}"]
+    elif method.sizing == "sync_groups":
+        overrides += [] if steps is None else [f"trainer.total_training_steps={in_verl_steps('the step count', steps)}"]
+        overrides += [] if batch is None else [f"data.train_batch_size={k * batch}", f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}"]
+    elif method.sizing == "rollout_prompts":
+        batch = batch or prompts_per_step
+        if steps is not None:
+            if batch is None:
+                raise ValueError(f"{method.name}: its prompt budget needs the prompts per step")
+            overrides += [f"rollout.total_rollout_steps={steps * batch}", f"trainer.total_training_steps={steps}"]
+        overrides += [] if scale.train_batch_size is None else [f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}"]
+    else:
+        raise ValueError(f"{method.name}: unknown sizing {method.sizing!r}")
     return overrides
 
 
@@ -137,10 +194,12 @@ def method_command(
     teacher_url: str | None = None,
     threads: int | None = None,
     validate: bool = True,
+    prompts_per_step: int | None = None,
 ) -> Command:
     """The command of an NPD or verl method with one seed; its outputs all go under ``run_dir``.
     ``teacher_url``: where the served teacher of a ``served_teacher`` method answers. ``threads``:
-    torch threads of each of its processes (``VERL_NPD_CPU_THREADS``; None: the default share)."""
+    torch threads of each of its processes (``VERL_NPD_CPU_THREADS``; None: the default share).
+    ``prompts_per_step``: the recipe's, for a trainer that counts its size in prompts."""
     if method.served_teacher != (teacher_url is not None):
         raise ValueError(f"{method.name}: a teacher URL goes with served_teacher methods only, got {teacher_url!r}")
     served = [f"npd.teacher.url={teacher_url}", f"npd.teacher.model={SERVED_TEACHER_NAME}"] if teacher_url else []
@@ -149,7 +208,7 @@ def method_command(
         f"trainer.default_local_dir={run_dir}/checkpoints",
         "trainer.save_freq=-1",
         f"hydra.run.dir={run_dir}/hydra",
-        *run_overrides(scale, val_files, seed, validate),
+        *run_overrides(scale, val_files, seed, validate, method, prompts_per_step),
     ]
     if method.runner == "npd":
         argv = [

@@ -111,23 +111,40 @@ def read_npd(run_dir: str) -> MethodRun:
     )
 
 
-def read_verl(run_dir: str) -> MethodRun:
+# verl's fully_async trainer logs its validation time and weight sync under names of its own.
+VALIDATION_TIME_KEYS = ("timing_s/testing", "rollouter/validate_time")
+SYNC_TIME_KEYS = ("timing_s/update_weights", "timing_s/timing_s/param_sync")
+
+
+def read_verl(run_dir: str, updates_per_step: int = 1, logs_optimizer_steps: bool = False) -> MethodRun:
+    """verl's file-logger rows. A step's rows are read together (fully_async writes its validation
+    row before the step's training row), so a validation's wall-clock includes its step; curve steps
+    are optimizer steps (``updates_per_step`` per logged step in the asynchronous modes).
+    ``logs_optimizer_steps``: the trainer counts the optimizer steps it logged in
+    ``training/global_step`` (fully_async, whose last one is never logged)."""
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    by_step: dict[int, list[dict]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], []).append(row["data"])
     curve, wall, tokens, validation_s, steps = [], 0.0, 0.0, 0.0, 0
     generation_wait = train_s = sync = 0.0
-    for row in sorted(rows, key=lambda r: r["step"]):
-        data, step = row["data"], row["step"]
-        if step > 0:
-            steps += 1
-            wall += data.get("timing_s/step", 0.0)
-            validation_s += data.get("timing_s/testing", 0.0)
-            tokens += data.get("perf/total_num_tokens", 0.0)
-            generation_wait += data.get("timing_s/gen", 0.0)
-            train_s += data.get("timing_s/update_actor", 0.0)
-            sync += data.get("timing_s/update_weights", 0.0)
-        accuracy = validation_accuracy(data)
+    global_step = 0
+    for step in sorted(by_step):
+        accuracy = None
+        for data in by_step[step]:
+            if step > 0 and "timing_s/step" in data:
+                steps += updates_per_step
+                wall += data["timing_s/step"]
+                tokens += data.get("perf/total_num_tokens", 0.0)
+                generation_wait += data.get("timing_s/gen", 0.0)
+                train_s += data.get("timing_s/update_actor", 0.0)
+                sync += sum(data.get(key, 0.0) for key in SYNC_TIME_KEYS)
+                global_step = int(data.get("training/global_step", global_step))
+            if step > 0:
+                validation_s += sum(data.get(key, 0.0) for key in VALIDATION_TIME_KEYS)
+            accuracy = validation_accuracy(data) if accuracy is None else accuracy
         if accuracy is not None:
-            curve.append({"step": step, "wall_s": wall, "tokens": tokens, "accuracy": accuracy})
+            curve.append({"step": step * updates_per_step, "wall_s": wall, "tokens": tokens, "accuracy": accuracy})
     return MethodRun(
         curve=curve,
         train_wall_s=wall,
@@ -135,7 +152,7 @@ def read_verl(run_dir: str) -> MethodRun:
         train_tokens=tokens,
         breakdown_s=_breakdown(wall, generation_wait, train_s, sync),
         trainer_tokens_per_s=tokens / train_s if train_s else None,
-        steps=steps,
+        steps=global_step if logs_optimizer_steps else steps,
     )
 
 

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 
 from tqdm.auto import tqdm
 
@@ -172,9 +173,10 @@ class Benchmark:
         plan = [(seed, m) for seed in self.scale.seed_values for m in runnable]
         for index, (seed, method) in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {method.name} seed {seed}"
-            print(f"\n{tag}: {method.label}, {methods[method.name]['threads']} threads per process", flush=True)
+            threads = methods[method.name]["threads"]
+            print(f"\n{tag}: {method.label}, {threads or 'the default'} threads per process", flush=True)
             run_dir = os.path.join(self.out_dir, method.name, f"seed{seed}")
-            run = self._run_method(method, seed, tag, run_dir, methods[method.name]["threads"])
+            run = self._run_method(method, seed, tag, run_dir, threads)
             methods[method.name]["runs"].append(run)
             print(f"{tag}: {run['status']} in {run['process_wall_s']:.0f} s", flush=True)
         results = report.build_results({**self._settings(), **source}, self.teacher_accuracy, methods)
@@ -292,13 +294,26 @@ class Benchmark:
         if method.runner == "sft":
             return {**result, **self._run_sft(seed, run_dir, log_path, desc, threads, trial)}
         scale = self._trial_scale() if trial else self.scale
-        read = readers.read_npd if method.runner == "npd" else readers.read_verl
+        read = readers.read_npd if method.runner == "npd" else partial(
+            readers.read_verl,
+            updates_per_step=method.updates_per_step,
+            logs_optimizer_steps=method.sizing == "rollout_prompts",
+        )
         if method.served_teacher:
             return {**result, **self._run_with_served_teacher(method, seed, run_dir, log_path, desc, threads, trial)}
         command = method_command(
-            method, self.recipe, scale, self.val_files, seed, run_dir, threads=threads, validate=not trial
+            method,
+            self.recipe,
+            scale,
+            self.val_files,
+            seed,
+            run_dir,
+            threads=threads,
+            validate=not trial,
+            prompts_per_step=self._npd_config(seed).data.train_batch_size,
         )
-        returncode, wall = run_command(command, log_path, scale.steps, desc)
+        # The progress bar counts logged steps.
+        returncode, wall = run_command(command, log_path, scale.steps and scale.steps // method.updates_per_step, desc)
         return {**result, **self._outcome(returncode, wall, log_path, lambda: read(run_dir), trial)}
 
     @contextlib.contextmanager

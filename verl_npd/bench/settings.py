@@ -68,6 +68,6 @@ class Scale:
 # validation of 512 swung by up to 16 points between neighbours); 3 seeds.
 TOY_FULL = Scale(steps=300, train_batch_size=None, val_size=1024, test_freq=10, seeds=3)
 # A smoke run of every code path in a few minutes (the test's setting).
-TOY_MINI = Scale(steps=2, train_batch_size=16, val_size=32, test_freq=1, seeds=1)
+TOY_MINI = Scale(steps=2, train_batch_size=16, val_size=32, test_freq=2, seeds=1)
 # GPU recipes: their own steps, batch, validation set and frequency.
 GPU_RECIPE = Scale(steps=None, train_batch_size=None, val_size=None, test_freq=None, seeds=3)
