@@ -271,7 +271,7 @@ def format_markdown(results: dict) -> str:
             logs = ", ".join(run["log"] for run in m["runs"])
             row = [label, f"0/{len(m['runs'])} (see {logs})"] + ["n/a"] * (len(header) - 2)
         else:
-            row = [label, f"{m['seeds_ok']}/{len(m['runs'])}", str(m.get("threads", "n/a"))]
+            row = [label, f"{m['seeds_ok']}/{len(m['runs'])}", str(m.get("threads") or "default")]
             row += [_stat(m["initial_accuracy"], "pct"), _stat(m["final_accuracy"], "pct", "full")]
             row += [_stat(m[key], "pct") for key in ("last_accuracy", "best_accuracy")]
             row += [_time_to_target(m)]
