@@ -269,3 +269,89 @@ def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
     assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9, "chunk_size": 4096}
     assert "ignore::UserWarning:verl.workers.engine" in env_vars.PYTHONWARNINGS.split(",")
+
+
+def test_every_problem_is_collected_for_the_readiness_check(toy_world):
+    """preflight(collect=True), what ``main_npd --check`` runs: every independent problem of the config,
+    each named once with its key and fix, where a run stops at the first."""
+    from verl_npd.trainer.preflight import PreflightError, preflight
+
+    faults = [
+        "npd.sync_interval=0",
+        "actor_rollout_ref.rollout.free_cache_engine=true",
+        "actor_rollout_ref.rollout.max_model_len=64",
+        "ray_kwargs.ray_init.num_gpus=1",
+        "data.val_files=/nonexistent.parquet",
+    ]
+    config = compose(*TOY_CONFIG, faults)
+    problems = preflight(config, collect=True)
+    expected = [
+        "invalid config: npd.sync_interval must be >= 1, got 0",
+        "data.val_files: data file '/nonexistent.parquet' does not exist",
+        "actor_rollout_ref.rollout.free_cache_engine=true with the rollout colocated with the trainer",
+        "actor_rollout_ref.rollout.max_model_len=64 is less than data.max_prompt_length + data.max_response_length = 88; set it to 88",
+        "this CPU run needs 2 logical GPUs (trainer 1 + teacher 1) but ray_kwargs.ray_init.num_gpus is 1",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(start), (problem, start)
+    with pytest.raises(PreflightError, match="npd.sync_interval must be >= 1"):
+        preflight(compose(*TOY_CONFIG, faults))
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        # The student's vLLM colocated with the trainer: synced in-process, never asleep, no prefix cache.
+        (["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.enable_prefix_caching=true"],
+         "actor_rollout_ref.rollout.enable_prefix_caching=true with the student's vLLM colocated"),
+        (["actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
+         "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo with the rollout colocated"),
+    ],
+)
+def test_a_colocated_rollout_is_synced_in_process_and_caches_no_prefix(overrides, problem):
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.preflight import PreflightError, check_colocated_rollout
+
+    rollout = OmegaConf.create({"nnodes": 0, "name": "npd_cpu", "free_cache_engine": False,
+                                "enable_prefix_caching": False, "checkpoint_engine": {"backend": "naive"}})
+    check_colocated_rollout(rollout)
+    for override in overrides:
+        key, value = override.removeprefix("actor_rollout_ref.rollout.").split("=")
+        OmegaConf.update(rollout, key, {"true": True}.get(value, value))
+    with pytest.raises(PreflightError, match=re.escape(problem)):
+        check_colocated_rollout(rollout)
+    rollout.nnodes = 1  # a standalone rollout is synced after an abort that clears the cache
+    check_colocated_rollout(rollout)
+
+
+def test_wandb_needs_a_login_only_when_it_logs(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.preflight import PreflightError, check_wandb_login
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wandb = OmegaConf.create({"trainer": {"logger": ["console", "wandb"]}})
+    check_wandb_login(OmegaConf.create({"trainer": {"logger": ["console", "tensorboard"]}}))
+    with pytest.raises(PreflightError, match=r"no api\.wandb\.ai entry in .*\.netrc.*run `wandb login`"):
+        check_wandb_login(wandb)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb_login(wandb)
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    check_wandb_login(wandb)
+
+
+def test_check_on_the_command_line_exits_2_listing_every_problem(toy_world):
+    result = run_module("verl_npd.main_npd", ["npd.sync_interval=0", "ray_kwargs.ray_init.num_gpus=1", "--check"],
+                        timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 2 and "npd.sync_interval must be >= 1" in problems[0] and "logical GPUs" in problems[1]
+    assert "  total: 2 GPU(s)" in result.stdout
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    misused = run_module("verl_npd.main_npd", ["--gpu-memory-gib", "80"], timeout=60)
+    assert misused.returncode == 2 and "verl-npd: --gpu-memory-gib is for --check" in misused.stderr
