@@ -326,6 +326,109 @@ def test_a_colocated_rollout_is_synced_in_process_and_caches_no_prefix(overrides
     check_colocated_rollout(rollout)
 
 
+@pytest.fixture
+def gpu_machine(monkeypatch, tmp_path):
+    """What a CPU machine cannot have, faked: 8 CUDA GPUs, flash-attn and cupy installed, verl's vLLM,
+    and a wandb login in a home of its own. Returns a function that takes any of them away."""
+    from verl_npd.platform import gpu_stack
+    from verl_npd.trainer import preflight
+
+    installed = {"flash_attn": True, "cupy": True}
+    versions = {"vllm": "0.24.0"}
+    gpus = {"count": 8}
+    monkeypatch.setattr(gpu_stack, "module_installed", lambda name: installed.get(name, False))
+    monkeypatch.setattr(gpu_stack, "installed_version", lambda name: versions.get(name))
+    monkeypatch.setattr(preflight, "cuda_gpus_here", lambda: gpus["count"])
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+
+    def take_away(what: str, value=None):
+        if what in installed:
+            installed[what] = False
+        elif what == "vllm":
+            versions["vllm"] = value
+        elif what == "gpus":
+            gpus["count"] = value
+        elif what == "wandb":
+            netrc.unlink()
+
+    return take_away
+
+
+def recipe_with_toy_models(toy_world, *overrides):
+    """The Qwen3 recipe's NPD config (8 GPUs: 2 trainer, 4 rollout, 2 teacher), with the toy's models and
+    data in place of the hub's, which are not here."""
+    return compose("recipes/qwen3_1.7b_from_8b_gsm8k_math/config", "npd", [
+        f"actor_rollout_ref.model.path={toy_world.student_dir}",
+        f"distillation.teacher_models.teacher_model.model_path={toy_world.teacher_dir}",
+        f"data.train_files={toy_world.train_parquet}",
+        f"data.val_files={toy_world.val_parquet}",
+        *overrides,
+    ])
+
+
+def test_the_readiness_check_passes_a_ready_gpu_recipe_and_prints_its_plan(toy_world, gpu_machine):
+    import io
+
+    from verl_npd.trainer.readiness import check_readiness
+
+    out = io.StringIO()
+    assert check_readiness(recipe_with_toy_models(toy_world), gpu_memory_gib=80, out=out) == 0, out.getvalue()
+    report = out.getvalue()
+    for line in [
+        "trainer: 2 GPU(s) (trainer.n_gpus_per_node=2 x trainer.nnodes=1): 2 FSDP2 rank(s), 96 samples each per step",
+        "standalone rollout: 4 GPU(s) (actor_rollout_ref.rollout.n_gpus_per_node=4 x nnodes=1): 4 student replica(s) "
+        "(vllm, TP 1), memory share 0.85 (actor_rollout_ref.rollout.standalone_gpu_memory_utilization), synced through nccl",
+        "validation: 2 student replica(s) on the trainer's GPUs (verl 0.9.1 builds them), memory share 0.5",
+        "default: 2 replica(s) (vllm, TP 1), memory share 0.7",
+        "total: 8 GPU(s)",
+        "memory, per GPU of 80.0 GiB (--gpu-memory-gib):",
+        "verl-npd: ready",
+    ]:
+        assert line in report, (line, report)
+    assert "problem:" not in report
+
+
+def test_the_readiness_check_lists_every_problem_a_gpu_machine_can_have(toy_world, gpu_machine):
+    """Each problem the check knows, at once: flash-attn asked for and missing, cupy missing for the
+    nccl sync, a vLLM other than verl's pin, fewer GPUs than the plan, wandb without a login, and
+    models that do not fit their share of a (here tiny) GPU."""
+    import io
+
+    from verl_npd.trainer.readiness import check_readiness
+
+    for what, value in [("flash_attn", None), ("cupy", None), ("vllm", "0.23.0"), ("gpus", 4), ("wandb", None)]:
+        gpu_machine(what, value)
+    config = recipe_with_toy_models(
+        toy_world,
+        "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2",
+        "trainer.logger=[console,wandb]",
+    )
+    out = io.StringIO()
+    # 1 MiB per GPU: the toy teacher's 1.1 MiB of bf16 weights do not fit 0.7 of it.
+    assert check_readiness(config, gpu_memory_gib=2**-10, out=out) == 2
+    problems = [line.removeprefix("problem: ") for line in out.getvalue().splitlines() if line.startswith("problem: ")]
+    expected = [
+        "this run needs 8 GPUs (trainer 2 + teacher 2 + standalone rollout 4) but this node has 4",
+        "actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2 but flash-attn is not installed",
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl needs cupy, which is not installed",
+        "vLLM 0.23.0 is installed, but verl 0.9.1 pins vllm==0.24.0",
+        "trainer.logger includes wandb, but wandb has no login here",
+        # The toy student (0.20 M parameters, 0.4 MiB in bf16) fits its replicas' shares; its trainer
+        # rank does not: 0.20 M x 16 B / 2 ranks + 8192 tokens x 26 entries x 12 B of logits.
+        "a trainer rank: needs 4.0 MiB (FSDP2 states 0.20 M params x 16 B / 2 ranks = 1.5 MiB, logits 8192 tokens",
+        "a replica of the teacher 'teacher_model': needs 1.1 MiB (weights: 0.60 M params x 2 B / TP 1), has 0.7 MiB",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(start), (problem, start)
+    assert "verl-npd: not ready: 7 problem(s) above" in out.getvalue()
+
+
 def test_wandb_needs_a_login_only_when_it_logs(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
