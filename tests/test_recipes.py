@@ -120,6 +120,20 @@ def test_configs_fit_the_declared_gpus_and_pass_verls_checks(toy_world, recipe):
         assert sum(plan_resources(configs["NPD"]).values()) == sum(plan_resources(configs["OPD"]).values())
 
 
+def test_standalone_replicas_take_their_own_memory_share():
+    """The standalone replicas own their GPUs and are built with rollout.standalone_gpu_memory_utilization;
+    rollout.gpu_memory_utilization stays the share of the validation replicas on the trainer's GPUs."""
+    from verl_npd.trainer.near_policy_trainer import standalone_rollout_config
+
+    config = compose(*GPU_NPD_CONFIGS["qwen3_1.7b_from_8b_gsm8k_math"])
+    standalone = standalone_rollout_config(config)
+    assert standalone.actor_rollout_ref.rollout.gpu_memory_utilization == 0.85
+    assert config.actor_rollout_ref.rollout.gpu_memory_utilization == 0.5
+    assert OmegaConf.to_container(standalone.data) == OmegaConf.to_container(config.data)
+    unset = compose(*GPU_NPD_CONFIGS["qwen3_1.7b_from_8b_gsm8k_math"], ["~actor_rollout_ref.rollout.standalone_gpu_memory_utilization"])
+    assert standalone_rollout_config(unset) is unset
+
+
 # NPD with its student's vLLM colocated with the trainer (verl's hybrid engine), as the recipes'
 # READMEs give it: trainer GPUs, then these.
 COLOCATED = (

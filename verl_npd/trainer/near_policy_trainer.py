@@ -102,10 +102,13 @@ class NearPolicyTrainer(RayPPOTrainer):
         """Student generation on replicas with their own resources, as verl's separate_async does
         (trainer_separate_async.py ``_setup``): the trainer never waits for its GPUs to switch.
 
-        verl 0.9.1's ``RayPPOTrainer`` always builds colocated replicas too (ray_trainer.py:334).
-        They serve validation only here, woken and synced in-process (the ``naive`` engine) for it
-        and put back to sleep after, while the standalone replicas get the weights through the
-        configured checkpoint engine (nccl on GPUs, ``npd_gloo`` on CPU) every ``sync_interval``.
+        verl 0.9.1's ``RayPPOTrainer`` always builds colocated replicas too (ray_trainer.py:333-334
+        requires its hybrid engine, :951 builds them). They serve validation only here, woken and
+        synced in-process (the ``naive`` engine) for it and put back to sleep after; only with
+        ``rollout.free_cache_engine=true`` (as the recipes set it) does a sleep free their memory on
+        the trainer's GPUs (vllm_async_server.py:853-862). The standalone replicas, built with their
+        own memory share (:func:`standalone_rollout_config`), get the weights through the configured
+        checkpoint engine (nccl on GPUs, ``npd_gloo`` on CPU) every ``sync_interval``.
         """
         from dataclasses import replace
 
