@@ -22,6 +22,7 @@ a run the estimate rejects cannot fit, while one it accepts may still need headr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -39,6 +40,7 @@ class ModelSize:
     vocab_size: int
 
 
+@functools.lru_cache(maxsize=None)  # the check reads each model for its problems and for its report
 def model_size(model_path: str, trust_remote_code: bool = False) -> ModelSize | None:
     """Parameters (tied weights once) and vocabulary of the model at ``model_path`` (a directory or
     a hub id in the local cache), counted on PyTorch's meta device from its config.json alone; None
@@ -127,19 +129,12 @@ def memory_needs(config: DictConfig, gpu_memory_bytes: int) -> tuple[list[Memory
     """Every process's need against its budget, and what could not be estimated (a model whose
     config.json is not readable here)."""
     trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
-    sizes: dict[str, ModelSize | None] = {}
-
-    def size(path: str) -> ModelSize | None:
-        if path not in sizes:
-            sizes[path] = model_size(path, trust)
-        return sizes[path]
-
     needs: list[MemoryNeed] = []
     unknown: list[str] = []
     gpu = f"of the GPU's {size_text(gpu_memory_bytes)}"
     rollout = config.actor_rollout_ref.rollout
     student_path = str(config.actor_rollout_ref.model.path)
-    student = size(student_path)
+    student = model_size(student_path, trust)
     if student is None:
         unknown.append(f"the student ({student_path}): its config.json is not readable here")
     else:
@@ -156,7 +151,7 @@ def memory_needs(config: DictConfig, gpu_memory_bytes: int) -> tuple[list[Memory
             needs.append(MemoryNeed("a validation replica on a trainer GPU", weights, how,
                                     int(share * gpu_memory_bytes), f"{key}={share} {gpu}", f"raise {key}"))
         needs.append(trainer_need(config, student, gpu_memory_bytes))
-    needs_teacher, unknown_teacher = teacher_needs(config, size, gpu_memory_bytes)
+    needs_teacher, unknown_teacher = teacher_needs(config, trust, gpu_memory_bytes)
     return needs + needs_teacher, unknown + unknown_teacher
 
 
@@ -188,7 +183,7 @@ def trainer_need(config: DictConfig, student: ModelSize, gpu_memory_bytes: int) 
     )
 
 
-def teacher_needs(config: DictConfig, size, gpu_memory_bytes: int) -> tuple[list[MemoryNeed], list[str]]:
+def teacher_needs(config: DictConfig, trust: bool, gpu_memory_bytes: int) -> tuple[list[MemoryNeed], list[str]]:
     needs, unknown = [], []
     if not config.distillation.enabled:
         return needs, unknown
@@ -198,7 +193,7 @@ def teacher_needs(config: DictConfig, size, gpu_memory_bytes: int) -> tuple[list
         path = str(teacher.model_path)
         if served and served_teacher_share(config) == 0:
             continue  # served on machines of its own
-        found = size(path)
+        found = model_size(path, trust)
         if found is None:
             unknown.append(f"the teacher {key!r} ({path}): its config.json is not readable here")
             continue
