@@ -253,7 +253,9 @@ def test_abort_returns_partial_tokens_and_holds_new_requests(server):
         assert 0 < len(out.token_ids) < 440 and len(out.log_probs) == len(out.token_ids)
 
     # Behind the closed gate a new request is held, not lost...
-    held = server.handle.generate.remote(PROMPTS[1], {"max_tokens": 3}, "held")
+    # ignore_eos: what it samples depends on how many decode steps ran before the abort (a shared
+    # generator), and an early end-of-turn token would stop it short of its 3 tokens.
+    held = server.handle.generate.remote(PROMPTS[1], {"max_tokens": 3, "ignore_eos": True}, "held")
     assert ray.wait([held], timeout=0.5)[0] == []
     # ...unless the abort declared that no resume is coming soon: then it is refused at once.
     ray.get(server.handle.abort_all_requests.remote(reject_request=True))
