@@ -254,12 +254,15 @@ def with_local_models(recipe: str, model_configs, overrides=()):
 
 @pytest.mark.parametrize("recipe", sorted(GPU_NPD_CONFIGS))
 def test_engine_lengths_and_memory_fit_an_80_gb_gpu(recipe, model_configs):
-    """The student's vLLM context is the longest prompt + response (not the model's 32-40k), the
-    teacher's one token more (what verl's teacher check requires), both engines' steps bounded; by
-    the memory estimate every process fits an 80 GiB GPU, with the numbers worked out by hand."""
+    """The recipes log without wandb by default; the student's vLLM context is the longest prompt +
+    response (not the model's 32-40k), the teacher's one token more (what verl's teacher check
+    requires), both engines' steps bounded; by the memory estimate every process fits an 80 GiB
+    GPU, with the numbers worked out by hand."""
     from verl_npd.trainer.memory import GIB, memory_needs, model_size
 
     config, student, teacher = with_local_models(recipe, model_configs)
+    # No login needed by default; wandb is the override trainer.logger='[console,wandb]'.
+    assert list(config.trainer.logger) == ["console", "tensorboard"]
     longest = config.data.max_prompt_length + config.data.max_response_length
     rollout = config.actor_rollout_ref.rollout
     assert rollout.max_model_len == longest and rollout.max_num_batched_tokens <= 4096
