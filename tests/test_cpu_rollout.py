@@ -253,7 +253,9 @@ def test_abort_returns_partial_tokens_and_holds_new_requests(server):
         assert 0 < len(out.token_ids) < 440 and len(out.log_probs) == len(out.token_ids)
 
     # Behind the closed gate a new request is held, not lost...
-    held = server.handle.generate.remote(PROMPTS[1], {"max_tokens": 3}, "held")
+    # ignore_eos: what it samples depends on how many decode steps ran before the abort (a shared
+    # generator), and an early end-of-turn token would stop it short of its 3 tokens.
+    held = server.handle.generate.remote(PROMPTS[1], {"max_tokens": 3, "ignore_eos": True}, "held")
     assert ray.wait([held], timeout=0.5)[0] == []
     # ...unless the abort declared that no resume is coming soon: then it is refused at once.
     ray.get(server.handle.abort_all_requests.remote(reject_request=True))
@@ -288,6 +290,48 @@ def test_hybrid_weight_sync_and_sleep(server, tiny):
             assert out.extra_fields["global_steps"] == 7
     finally:
         ray.get(server.handle.update_weights.remote(list(state_a.items()), global_steps=None))
+
+
+def test_a_sync_during_a_request_tags_it_with_both_versions_and_leaves_no_old_state(server, tiny):
+    """A colocated replica keeps generating through NPD's weight syncs. A request running when one
+    lands finishes on the new weights with the old ones' KV cache: the server reports the versions
+    of its first and last tokens, and NPD tags the sample with the older and counts it as spanning
+    the sync. npd_cpu has no prefix cache, so the state a request leaves behind is nothing: the
+    same prompt sent after the sync is answered by the new weights alone, exactly."""
+    from verl_npd.rollout.async_manager import behaviour_version
+    from verl_npd.rollout.scoring import ServerPool
+
+    weights = {name: {k: v.clone() for k, v in tiny.models[name].state_dict().items()} for name in ("a", "b")}
+    # NPD's client for colocated replicas (ServerPool.generate), greedy so the answers are checkable.
+    pool = ServerPool([server.handle], name="rollout", batched=True, timeout_s=120, max_retries=0)
+    params = {"max_tokens": 440, "ignore_eos": True, "temperature": 0.0, "logprobs": True}
+
+    async def scenario():
+        await _hybrid_weight_sync(server.adapter, weights["a"], 3)
+        before = (await server.handle.get_engine_stats.remote())["decode_steps"]
+        running = asyncio.ensure_future(pool.generate("across", prompt_ids=PROMPTS[0], sampling_params=dict(params)))
+        while (await server.handle.get_engine_stats.remote())["decode_steps"] < before + 3:
+            await asyncio.sleep(0.005)
+        # The sync lands between two engine steps while the request runs (0 MB buckets: one
+        # update_weights call per tensor, loaded together with the last).
+        await _hybrid_weight_sync(server.adapter, weights["b"], 4)
+        across = await running
+        after = await pool.generate("after", prompt_ids=PROMPTS[0], sampling_params=dict(params, max_tokens=8))
+        return across, after
+
+    try:
+        across, after = asyncio.run(scenario())
+    finally:
+        ray.get(server.handle.update_weights.remote(list(weights["a"].items()), global_steps=None))
+    assert len(across.token_ids) == 440
+    assert across.token_ids[:3] == _greedy(tiny.models["a"], PROMPTS[0], 3, tiny.eos)
+    assert (across.extra_fields["min_global_steps"], across.extra_fields["max_global_steps"]) == (3, 4)
+    assert behaviour_version(across.extra_fields, reserved=3) == (3, True)
+    # The sample after the sync: version 4 throughout, and model B's answer and log-probs exactly.
+    assert behaviour_version(after.extra_fields, reserved=3) == (4, False)
+    assert after.token_ids == _greedy(tiny.models["b"], PROMPTS[0], 8, tiny.eos)
+    expected = _response_logprobs(tiny.models["b"], PROMPTS[0], after.token_ids)
+    torch.testing.assert_close(torch.tensor(after.log_probs), torch.tensor(expected), atol=1e-4, rtol=0)
 
 
 def test_engine_merges_late_arrivals_into_running_batch(tiny):

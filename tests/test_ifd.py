@@ -89,6 +89,49 @@ def test_header_keeps_a_leading_bos(tokenizer, tmp_path):
     assert bos_tokenizer.decode(list(header)) == "<|endoftext|><|im_start|>assistant\n"
 
 
+# The generation prompt of Qwen3's chat template (its tokenizer_config.json), verbatim: with
+# enable_thinking=false the assistant turn opens with an empty think block.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_the_unconditional_prefill_opens_with_the_header_the_prompts_end_with(tmp_path, enable_thinking):
+    """The trainer derives the header of the unconditional Δ-IFD prefills with verl's
+    data.apply_chat_template_kwargs, as its prompts are rendered: Qwen3 in non-thinking mode puts
+    an empty think block after the assistant header, and the unconditional terms must condition on
+    it as the response did."""
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.near_policy_trainer import assistant_header_ids
+
+    qwen3 = build_tiny_tokenizer(tmp_path, chat_template=QWEN3_CHAT_TEMPLATE)
+    data = OmegaConf.create({"apply_chat_template_kwargs": {"enable_thinking": enable_thinking}})
+    header = list(assistant_header_ids(qwen3, data))
+    # The reference: the text Qwen3's template appends, tokenized on its own.
+    opening = "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+    assert header == qwen3.encode(opening, add_special_tokens=False)
+    # The prefill of header + response, for a response the student wrote after such a prompt, is
+    # exactly the tokens that followed the user turn at generation.
+    prompt = render_chat_ids(qwen3, [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                             enable_thinking=enable_thinking)
+    response = qwen3.encode(RESPONSES[0], add_special_tokens=False)
+    user_turn = render_chat_ids(qwen3, [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=False)
+    assert header + response == (prompt + response)[len(user_turn):]
+    if not enable_thinking:
+        # Without the kwargs (the trainer's former derivation) the think block would be missing.
+        assert list(TokenizerInfo.from_tokenizer(qwen3).header_ids) != header
+
+
 def test_header_errors_are_clear(tokenizer):
     no_template = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
     with pytest.raises(ChatTemplateError, match="no chat template"):

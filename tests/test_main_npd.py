@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import read_jsonl, run_module, run_on_policy
+from conftest import compose, read_jsonl, run_module, run_on_policy
 
 
 def test_default_run_improves_the_student(toy_world, tmp_path):
@@ -126,20 +126,35 @@ def test_on_policy_run_beside_the_newest_trl_follows_the_lr_schedule_of_its_step
     assert history[-1]["actor/lr"] == pytest.approx(lr * floor)
 
 
-def test_standalone_rollout_gets_exact_weights_through_the_gloo_engine(toy_world, tmp_path):
-    """The student's replica in a pool of its own (``rollout.nnodes=1``), synced by ``npd_gloo``
-    across processes; validation on the colocated replica, synced in-process for it."""
-    history = run_on_policy(
-        tmp_path / "run",
-        [
-            "trainer.val_before_train=false",
-            "trainer.test_freq=4",
-            "actor_rollout_ref.rollout.nnodes=1",
-            "actor_rollout_ref.rollout.n_gpus_per_node=1",
-            "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo",
-            "ray_kwargs.ray_init.num_gpus=3",
-        ],
-    )
+def recipe_layout(recipe: str) -> list[str]:
+    """The GPU layout of a GPU recipe's NPD config, as overrides of the toy run on logical GPUs: its
+    pools' sizes and its standalone rollout's settings, with npd_gloo, the CPU's weight sync, in
+    place of nccl."""
+    from verl_npd.trainer.preflight import plan_resources
+
+    config = compose(f"recipes/{recipe}/config", "npd")
+    rollout = config.actor_rollout_ref.rollout
+    assert rollout.nnodes > 0 and rollout.checkpoint_engine.backend == "nccl"
+    layout = {
+        "trainer.n_gpus_per_node": config.trainer.n_gpus_per_node,
+        "actor_rollout_ref.rollout.nnodes": rollout.nnodes,
+        "actor_rollout_ref.rollout.n_gpus_per_node": rollout.n_gpus_per_node,
+        "actor_rollout_ref.rollout.free_cache_engine": str(rollout.free_cache_engine).lower(),
+        "distillation.n_gpus_per_node": config.distillation.n_gpus_per_node,
+        "actor_rollout_ref.rollout.checkpoint_engine.backend": "npd_gloo",
+        "ray_kwargs.ray_init.num_gpus": sum(plan_resources(config).values()),
+    }
+    return [f"{key}={value}" for key, value in layout.items()]
+
+
+def test_a_recipes_standalone_layout_gets_exact_weights_through_the_gloo_engine(toy_world, tmp_path):
+    """The Qwen2.5 recipe's NPD layout on the toy: 1 trainer, 1 standalone rollout and 2 teacher
+    (logical) GPUs. The student's replica, in a pool of its own, is synced by npd_gloo across
+    processes; validation runs on the replica verl builds on the trainer's GPU, synced in-process
+    for it and asleep in between (free_cache_engine=true, as the recipe sets it)."""
+    layout = recipe_layout("qwen2.5_0.5b_from_7b_gsm8k")
+    assert "distillation.n_gpus_per_node=2" in layout and "ray_kwargs.ray_init.num_gpus=4" in layout
+    history = run_on_policy(tmp_path / "run", ["trainer.val_before_train=false", "trainer.test_freq=4", *layout])
     from safetensors.torch import load_file
 
     model_bytes = sum(t.nbytes for t in load_file(f"{toy_world.student_dir}/model.safetensors").values())
@@ -149,6 +164,6 @@ def test_standalone_rollout_gets_exact_weights_through_the_gloo_engine(toy_world
         # ... and arrived exactly: the replica's log-probs of its own samples are the trainer's
         # (a reference run: |drift| ~ 5e-8; one stale step already gives ~1e-2).
         assert abs(row["npd/drift_kl"]) < 1e-5, row["npd/drift_kl"]
-    # Validation ran on the colocated replica: exact-match rewards (0 or 1) over the 64 prompts.
+    # Validation ran on the colocated replica, woken for it: exact-match rewards (0 or 1) over the 64 prompts.
     accuracy = history[-1]["val-core/npd_toy_arith/acc/mean@1"]
     assert accuracy * 64 == round(accuracy * 64), accuracy

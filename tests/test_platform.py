@@ -1,5 +1,6 @@
 """The CPU platform is selected on a CPU-only host, the plugin reaches fresh processes through
-verl's entry point, registration failures are loud, and resource shortfalls fail fast."""
+verl's entry point, registration failures are loud, resource shortfalls fail fast, and a missing
+flash-attn makes NPD build the student with sdpa."""
 
 import json
 import logging
@@ -191,3 +192,26 @@ def test_cores_are_shared_and_an_explicit_setting_wins_in_every_process():
     # A fresh process that only imports verl (a Ray worker) applies the setting through the platform.
     worker = run_python("import torch, verl; print(torch.get_num_threads())", env_extra={"VERL_NPD_CPU_THREADS": "1"})
     assert worker.stdout.split()[-1] == "1", worker.stderr
+
+
+def test_without_flash_attn_the_student_is_built_with_sdpa_and_one_warning(monkeypatch, toy_world):
+    """verl builds the student with flash_attention_2 unless the config names another
+    (verl/workers/config/model.py:185); flash-attn is not installed here, as on a GPU machine where
+    its second install step was skipped."""
+    from omegaconf import OmegaConf
+
+    from verl_npd.platform import gpu_stack
+
+    key = "actor_rollout_ref.model.override_config.attn_implementation"
+    config = compose(*TOY_CONFIG, [f"~{key}"])
+    assert OmegaConf.select(config, key) is None and not gpu_stack.module_installed("flash_attn")
+    warning = gpu_stack.use_sdpa_without_flash_attn(config)
+    assert warning.startswith(f"flash-attn is not installed: the student is built with {key}=sdpa")
+    assert OmegaConf.select(config, key) == "sdpa"
+    assert gpu_stack.use_sdpa_without_flash_attn(config) is None  # warned once: the config now names it
+    # A config that names its attention keeps it, and with flash-attn installed nothing changes.
+    named = compose(*TOY_CONFIG, [f"{key}=eager"])
+    assert gpu_stack.use_sdpa_without_flash_attn(named) is None and OmegaConf.select(named, key) == "eager"
+    monkeypatch.setattr(gpu_stack, "module_installed", lambda name: True)
+    unnamed = compose(*TOY_CONFIG, [f"~{key}"])
+    assert gpu_stack.use_sdpa_without_flash_attn(unnamed) is None and OmegaConf.select(unnamed, key) is None

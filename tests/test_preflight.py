@@ -269,3 +269,192 @@ def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
     assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9, "chunk_size": 4096}
     assert "ignore::UserWarning:verl.workers.engine" in env_vars.PYTHONWARNINGS.split(",")
+
+
+def test_every_problem_is_collected_for_the_readiness_check(toy_world):
+    """preflight(collect=True), what ``main_npd --check`` runs: every independent problem of the config,
+    each named once with its key and fix, where a run stops at the first."""
+    from verl_npd.trainer.preflight import PreflightError, preflight
+
+    faults = [
+        "npd.sync_interval=0",
+        "actor_rollout_ref.rollout.free_cache_engine=true",
+        "actor_rollout_ref.rollout.max_model_len=64",
+        "ray_kwargs.ray_init.num_gpus=1",
+        "data.val_files=/nonexistent.parquet",
+    ]
+    config = compose(*TOY_CONFIG, faults)
+    problems = preflight(config, collect=True)
+    expected = [
+        "invalid config: npd.sync_interval must be >= 1, got 0",
+        "data.val_files: data file '/nonexistent.parquet' does not exist",
+        "actor_rollout_ref.rollout.free_cache_engine=true with the rollout colocated with the trainer",
+        "actor_rollout_ref.rollout.max_model_len=64 is less than data.max_prompt_length + data.max_response_length = 88; set it to 88",
+        "this CPU run needs 2 logical GPUs (trainer 1 + teacher 1) but ray_kwargs.ray_init.num_gpus is 1",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(start), (problem, start)
+    with pytest.raises(PreflightError, match="npd.sync_interval must be >= 1"):
+        preflight(compose(*TOY_CONFIG, faults))
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        # The student's vLLM colocated with the trainer: synced in-process, never asleep, no prefix cache.
+        (["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.enable_prefix_caching=true"],
+         "actor_rollout_ref.rollout.enable_prefix_caching=true with the student's vLLM colocated"),
+        (["actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
+         "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo with the rollout colocated"),
+    ],
+)
+def test_a_colocated_rollout_is_synced_in_process_and_caches_no_prefix(overrides, problem):
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.preflight import PreflightError, check_colocated_rollout
+
+    rollout = OmegaConf.create({"nnodes": 0, "name": "npd_cpu", "free_cache_engine": False,
+                                "enable_prefix_caching": False, "checkpoint_engine": {"backend": "naive"}})
+    check_colocated_rollout(rollout)
+    for override in overrides:
+        key, value = override.removeprefix("actor_rollout_ref.rollout.").split("=")
+        OmegaConf.update(rollout, key, {"true": True}.get(value, value))
+    with pytest.raises(PreflightError, match=re.escape(problem)):
+        check_colocated_rollout(rollout)
+    rollout.nnodes = 1  # a standalone rollout is synced after an abort that clears the cache
+    check_colocated_rollout(rollout)
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch, tmp_path):
+    """What a CPU machine cannot have, faked: 8 CUDA GPUs, flash-attn and cupy installed, verl's vLLM,
+    and a wandb login in a home of its own. Returns a function that takes any of them away."""
+    from verl_npd.platform import gpu_stack
+    from verl_npd.trainer import preflight
+
+    installed = {"flash_attn": True, "cupy": True}
+    versions = {"vllm": "0.24.0"}
+    gpus = {"count": 8}
+    monkeypatch.setattr(gpu_stack, "module_installed", lambda name: installed.get(name, False))
+    monkeypatch.setattr(gpu_stack, "installed_version", lambda name: versions.get(name))
+    monkeypatch.setattr(preflight, "cuda_gpus_here", lambda: gpus["count"])
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+
+    def take_away(what: str, value=None):
+        if what in installed:
+            installed[what] = False
+        elif what == "vllm":
+            versions["vllm"] = value
+        elif what == "gpus":
+            gpus["count"] = value
+        elif what == "wandb":
+            netrc.unlink()
+
+    return take_away
+
+
+def recipe_with_toy_models(toy_world, *overrides):
+    """The Qwen3 recipe's NPD config (8 GPUs: 2 trainer, 4 rollout, 2 teacher), with the toy's models and
+    data in place of the hub's, which are not here."""
+    return compose("recipes/qwen3_1.7b_from_8b_gsm8k_math/config", "npd", [
+        f"actor_rollout_ref.model.path={toy_world.student_dir}",
+        f"distillation.teacher_models.teacher_model.model_path={toy_world.teacher_dir}",
+        f"data.train_files={toy_world.train_parquet}",
+        f"data.val_files={toy_world.val_parquet}",
+        *overrides,
+    ])
+
+
+def test_the_readiness_check_passes_a_ready_gpu_recipe_and_prints_its_plan(toy_world, gpu_machine):
+    import io
+
+    from verl_npd.trainer.readiness import check_readiness
+
+    out = io.StringIO()
+    assert check_readiness(recipe_with_toy_models(toy_world), gpu_memory_gib=80, out=out) == 0, out.getvalue()
+    report = out.getvalue()
+    for line in [
+        "trainer: 2 GPU(s) (trainer.n_gpus_per_node=2 x trainer.nnodes=1): 2 FSDP2 rank(s), 96 samples each per step",
+        "standalone rollout: 4 GPU(s) (actor_rollout_ref.rollout.n_gpus_per_node=4 x nnodes=1): 4 student replica(s) "
+        "(vllm, TP 1), memory share 0.85 (actor_rollout_ref.rollout.standalone_gpu_memory_utilization), synced through nccl",
+        "validation: 2 student replica(s) on the trainer's GPUs (verl 0.9.1 builds them), memory share 0.5",
+        "default: 2 replica(s) (vllm, TP 1), memory share 0.7",
+        "total: 8 GPU(s)",
+        "memory, per GPU of 80.0 GiB (--gpu-memory-gib):",
+        "verl-npd: ready",
+    ]:
+        assert line in report, (line, report)
+    assert "problem:" not in report
+
+
+def test_the_readiness_check_lists_every_problem_a_gpu_machine_can_have(toy_world, gpu_machine):
+    """Each problem the check knows, at once: flash-attn asked for and missing, cupy missing for the
+    nccl sync, a vLLM other than verl's pin, fewer GPUs than the plan, wandb without a login, and
+    models that do not fit their share of a (here tiny) GPU."""
+    import io
+
+    from verl_npd.trainer.readiness import check_readiness
+
+    for what, value in [("flash_attn", None), ("cupy", None), ("vllm", "0.23.0"), ("gpus", 4), ("wandb", None)]:
+        gpu_machine(what, value)
+    config = recipe_with_toy_models(
+        toy_world,
+        "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2",
+        "trainer.logger=[console,wandb]",
+    )
+    out = io.StringIO()
+    # 1 MiB per GPU: the toy teacher's 1.1 MiB of bf16 weights do not fit 0.7 of it.
+    assert check_readiness(config, gpu_memory_gib=2**-10, out=out) == 2
+    problems = [line.removeprefix("problem: ") for line in out.getvalue().splitlines() if line.startswith("problem: ")]
+    expected = [
+        "this run needs 8 GPUs (trainer 2 + teacher 2 + standalone rollout 4) but this node has 4",
+        "actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2 but flash-attn is not installed",
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl needs cupy, which is not installed",
+        "vLLM 0.23.0 is installed, but verl 0.9.1 pins vllm==0.24.0",
+        "trainer.logger includes wandb, but wandb has no login here",
+        # The toy student (0.20 M parameters, 0.4 MiB in bf16) fits its replicas' shares; its trainer
+        # rank does not: 0.20 M x 16 B / 2 ranks + 8192 tokens x 26 entries x 12 B of logits.
+        "a trainer rank: needs 4.0 MiB (FSDP2 states 0.20 M params x 16 B / 2 ranks = 1.5 MiB, logits 8192 tokens",
+        "a replica of the teacher 'teacher_model': needs 1.1 MiB (weights: 0.60 M params x 2 B / TP 1), has 0.7 MiB",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(start), (problem, start)
+    assert "verl-npd: not ready: 7 problem(s) above" in out.getvalue()
+
+
+def test_wandb_needs_a_login_only_when_it_logs(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from verl_npd.trainer.preflight import PreflightError, check_wandb_login
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wandb = OmegaConf.create({"trainer": {"logger": ["console", "wandb"]}})
+    check_wandb_login(OmegaConf.create({"trainer": {"logger": ["console", "tensorboard"]}}))
+    with pytest.raises(PreflightError, match=r"no api\.wandb\.ai entry in .*\.netrc.*run `wandb login`"):
+        check_wandb_login(wandb)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb_login(wandb)
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    check_wandb_login(wandb)
+
+
+def test_check_on_the_command_line_exits_2_listing_every_problem(toy_world):
+    result = run_module("verl_npd.main_npd", ["npd.sync_interval=0", "ray_kwargs.ray_init.num_gpus=1", "--check"],
+                        timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 2 and "npd.sync_interval must be >= 1" in problems[0] and "logical GPUs" in problems[1]
+    assert "  total: 2 GPU(s)" in result.stdout
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    misused = run_module("verl_npd.main_npd", ["--gpu-memory-gib", "80"], timeout=60)
+    assert misused.returncode == 2 and "verl-npd: --gpu-memory-gib is for --check" in misused.stderr

@@ -240,6 +240,13 @@ def test_vllm_layout_is_shifted_into_verls():
     assert scores.topk_ids.tolist() == [[5, 6], [1, 2], [0, 0]]
     assert scores.topk_log_probs.tolist() == [[-0.5, -1.5], [-0.25, -1.0], [0.0, 0.0]]
     assert scores.token_log_probs == [-0.5, -4.0]
+    # A teacher whose padded embedding rows reach beyond the tokenizer (here: ids 6 and up) has them
+    # scored by a plain vllm serve; they stay in their slot with zero probability (id 0, -inf), the
+    # actual tokens' log-probs untouched.
+    masked = parse_prompt_logprobs(response, [3, 5, 7], 2, "http://t", num_valid_tokens=6)
+    assert masked.topk_ids.tolist() == [[5, 0], [1, 2], [0, 0]]
+    assert masked.topk_log_probs.tolist() == [[-0.5, float("-inf")], [-0.25, -1.0], [0.0, 0.0]]
+    assert masked.token_log_probs == [-0.5, -4.0]
 
 
 def test_verls_agent_loop_starts_without_teacher_replicas():

@@ -4,7 +4,9 @@ With no arguments it runs the toy demo (``config/npd_toy.yaml``): it distils the
 teacher into the toy student on this machine's CPU (the toy world is built on first use and
 cached). Any verl or ``npd.*`` setting can be overridden on the command line, Hydra-style, e.g.
 ``npd.sync_interval=4 trainer.logger='[console,tensorboard]'``; ``--config-path/--config-name``
-select another config that extends ``config/npd_trainer.yaml`` (see ``recipes/``).
+select another config that extends ``config/npd_trainer.yaml`` (see ``recipes/``). ``--check``
+(with ``--gpu-memory-gib N`` on a machine without the run's GPUs) only checks whether the run can
+start and prints its resource plan (:mod:`verl_npd.trainer.readiness`).
 
 Flow: compose the config (verl's ``ppo_trainer``, NPD's base and the ``npd:`` section), check
 everything that can be checked before any Ray actor starts (so a bad run fails in seconds with a
@@ -28,9 +30,12 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from verl_npd.platform.cpu_threads import share_cores
+from verl_npd.platform.gpu_stack import use_sdpa_without_flash_attn
 from verl_npd.toy.resolvers import register as register_toy_resolvers
 from verl_npd.trainer.console import LOG_NAME, LiveProgress, output_to_log
+from verl_npd.trainer.memory import gpu_memory_here
 from verl_npd.trainer.preflight import PreflightError, preflight
+from verl_npd.trainer.readiness import CheckRequest, check_readiness, split_check_flags
 from verl_npd.trainer.student_export import ask_for_hf_weights
 from verl_npd.trainer.config import store_npd_defaults
 from verl_npd.trainer.summary import format_summary
@@ -187,7 +192,10 @@ def run_npd(config: DictConfig) -> dict:
     from verl.utils.device import auto_set_device, get_device_name
 
     auto_set_device(config)
-    preflight(config)
+    attention = use_sdpa_without_flash_attn(config)
+    if attention:
+        print(f"verl-npd: {attention}", file=sys.stderr)
+    preflight(config, gpu_memory_bytes=None if config.trainer.device == "cpu" else gpu_memory_here())
     set_job_environment(config)
     OmegaConf.resolve(config)
     ask_for_hf_weights(config)
@@ -235,9 +243,16 @@ def run_npd(config: DictConfig) -> dict:
     return summary
 
 
+# ``--check`` on the command line (taken out before Hydra parses the rest): run the readiness check
+# instead of training. Set by cli(), read by main(), whose signature Hydra fixes.
+check_request: CheckRequest | None = None
+
+
 @hydra.main(config_path="config", config_name="npd_toy", version_base=None)
 def main(config: DictConfig) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=re.escape(ENGINE_WARNINGS_MODULE) + r"\Z")
+    if check_request is not None:
+        sys.exit(check_readiness(config, check_request.gpu_memory_gib))
     try:
         run_npd(config)
     except PreflightError as e:
@@ -249,5 +264,16 @@ def main(config: DictConfig) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m verl_npd.main_npd``: ``--check`` and ``--gpu-memory-gib`` are ours, the rest Hydra's."""
+    global check_request
+    try:
+        sys.argv, check_request = split_check_flags(sys.argv)
+    except ValueError as e:
+        print(f"verl-npd: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -19,13 +19,15 @@ logger = logging.getLogger("verl_npd")
 # Installing verl-npd changes nothing for a verl user who selects none of these components: each
 # patch acts only on NPD's names (npd_cpu, npd_gloo, the npd_* losses, the npd_micro_batch tensor,
 # the cpu platform), where verl would otherwise fail or hang, or (vllm_prompt_logprobs) adds a field
-# verl does not read; each module says which.
+# verl does not read, or (vllm_weight_versions) corrects a field only where verl's value is wrong;
+# each module says which.
 REGISTRATION_MODULES = (
     "verl_npd.platform.cpu",
     "verl_npd.platform.resource_check",
     "verl_npd.platform.trl_compat",
     "verl_npd.rollout.cpu_server_registration",
     "verl_npd.rollout.vllm_prompt_logprobs",
+    "verl_npd.rollout.vllm_weight_versions",
     "verl_npd.rollout.gloo_checkpoint_engine_registration",
     "verl_npd.rollout.remote_teacher_agent_loop",
     "verl_npd.losses.packing_dispatch",

@@ -1,11 +1,11 @@
 # bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh
 #
 # Near-Policy Distillation of Qwen2.5-0.5B-Instruct from Qwen2.5-7B-Instruct on GSM8K, one node with
-# 4 GPUs (2 trainer GPUs with the colocated vLLM rollout, 2 teacher GPUs). Everything is in
+# 4 GPUs (1 trainer GPU, 1 GPU for the vLLM rollout replica, 2 teacher GPUs). Everything is in
 # config/npd.yaml; this script only checks the data and runs it from the repo root. Hydra overrides
-# are passed through, e.g. the 2-GPU variant (1 trainer GPU + 1 teacher GPU, see README.md):
-#   bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh trainer.n_gpus_per_node=1 distillation.n_gpus_per_node=1
-#   bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh trainer.logger='[console]'   # no wandb
+# are passed through, e.g. (the 2-GPU variant is in README.md):
+#   bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh --check   # resource plan, memory, problems
+#   bash recipes/qwen2.5_0.5b_from_7b_gsm8k/run_npd.sh trainer.logger='[console,wandb]'   # after wandb login
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root

@@ -2,7 +2,8 @@
 #
 # The baseline for run_npd.sh: verl's built-in synchronous on-policy distillation of
 # Qwen2.5-0.5B-Instruct from Qwen2.5-7B-Instruct on GSM8K through verl's own trainer
-# (verl.trainer.main_ppo), same 4-GPU split, models, data, batch, lengths, token budget, lr, top-k,
+# (verl.trainer.main_ppo), on the same 4 GPUs in verl's standard layout (2 trainer GPUs with the
+# rollout colocated, 2 teacher GPUs), same models, data, batch, lengths, token budget, lr, top-k,
 # loss and optimizer steps. Everything is in config/opd_baseline.yaml; this script only checks the
 # data and runs it from the repo root. Hydra overrides are passed through, e.g. for verl's own top-k
 # loss instead of NPD's:

@@ -1,11 +1,12 @@
 # bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh
 #
 # Near-Policy Distillation of Qwen3-1.7B from Qwen3-8B on GSM8K + MATH, one node with 8 GPUs
-# (6 trainer GPUs with the colocated vLLM rollout, 2 teacher GPUs). Everything is in
+# (2 trainer GPUs, 4 GPUs of vLLM rollout replicas, 2 teacher GPUs). Everything is in
 # config/npd.yaml; this script only checks the data and runs it from the repo root. Hydra
 # overrides are passed through, e.g.
+#   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh --check   # resource plan, memory, problems
 #   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh npd.sync_interval=4 npd.buffer.max_staleness=4
-#   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh trainer.logger='[console]'   # no wandb
+#   bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_npd.sh trainer.logger='[console,wandb]'   # after wandb login
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the verl-npd repo root

@@ -1,7 +1,8 @@
 # bash recipes/qwen3_1.7b_from_8b_gsm8k_math/run_opd_baseline.sh
 #
 # The baseline for run_npd.sh: verl's built-in synchronous on-policy distillation of Qwen3-1.7B from
-# Qwen3-8B on GSM8K + MATH through verl's own trainer (verl.trainer.main_ppo), same 8-GPU split,
+# Qwen3-8B on GSM8K + MATH through verl's own trainer (verl.trainer.main_ppo), on the same 8 GPUs
+# in verl's standard layout (6 trainer GPUs with the rollout colocated, 2 teacher GPUs), same
 # models, data, batch, lengths, token budget, lr, top-k, loss and optimizer steps. Everything is in
 # config/opd_baseline.yaml; this script only checks the data and runs it from the repo root. Hydra
 # overrides are passed through, e.g. for verl's own top-k loss instead of NPD's:

@@ -17,12 +17,16 @@ Per wave, all on the servers:
    prefill header+y (the assistant header without the user turn) for the unconditional terms
    s_T(y) and s_B(y).
 
+Every sample is tagged with the oldest weights that produced any of its tokens (verl's
+``min_global_steps``), and counts as spanning a sync when its newest differ (``max_global_steps``).
 A weight sync to standalone rollout replicas (their own GPUs, a checkpoint engine) aborts the
 requests they are running. Generation then goes through ``student_generation_client``, verl's
 ``FullyAsyncLLMServerClient``, which resumes an aborted response from its tokens so far and reports
-the oldest version that wrote it (the sample's tag, so staleness is never understated); prefills
-are simply sent again. Colocated replicas are synced between engine steps and abort nothing, and
-both clients are the same plain one.
+the oldest and newest versions of its parts; prefills are simply sent again. Colocated replicas are
+synced between two engine steps and abort nothing: a request running then continues on the new
+weights, its KV cache holding both, and the server reports the versions (``npd_cpu`` exactly, per
+engine step; verl's vLLM server as :mod:`verl_npd.rollout.vllm_weight_versions` patches it); both
+clients are then the same plain one.
 """
 
 from __future__ import annotations
@@ -327,15 +331,13 @@ class AsyncRolloutManager:
             self.request_timeout_s,
             self.max_retries,
         )
-        served_version = output.extra_fields.get("min_global_steps")
+        behaviour, spans_sync = behaviour_version(output.extra_fields, version)
         return Rollout(
             prompt=prompt,
             response_ids=list(output.token_ids),
             log_probs=[float(x) for x in (output.log_probs or [])],
-            # The version the server reports having generated with (a sync may land between the
-            # reservation and the request); backends that report none fall back to the reservation's.
-            version=version if served_version is None else int(served_version),
-            spans_sync=served_version is not None and output.extra_fields.get("max_global_steps") != served_version,
+            version=behaviour,
+            spans_sync=spans_sync,
         )
 
     async def _score(self, rollouts: list[Rollout]) -> tuple[list[GeneratedSample], float]:
@@ -421,6 +423,17 @@ class AsyncRolloutManager:
         with self._lock:
             samples, buffer_state = self.buffer.snapshot()
             return samples, buffer_state, self.stream.state_dict(self._in_flight_positions)
+
+
+def behaviour_version(extra_fields: dict[str, Any], reserved: int) -> tuple[int, bool]:
+    """A response's behaviour version, the oldest weights that produced any of its tokens, as its
+    server or verl's client reports it (``min_global_steps``; a sync may land between the wave's
+    reservation and the request), and whether a sync landed while it was generated
+    (``max_global_steps`` differs). A backend that reports no version: the reservation's, no span."""
+    oldest = extra_fields.get("min_global_steps")
+    if oldest is None:
+        return reserved, False
+    return int(oldest), extra_fields.get("max_global_steps", oldest) != oldest
 
 
 def _nll(rows: list[list[float]]):

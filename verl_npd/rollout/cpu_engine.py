@@ -167,6 +167,10 @@ class Sequence:
     abort_requested: bool = False
     """Set from outside the engine; the engine drops the sequence at the start of its next step."""
     generator: torch.Generator | None = None
+    first_weights_version: int | None = None
+    """The ``weights_version`` of the step that produced the first output token (and the prompt's KV)."""
+    last_weights_version: int | None = None
+    """... and of the step that produced the last one. They differ when the weights changed in between."""
 
     def __post_init__(self) -> None:
         # vLLM gives a seeded request its own generator, so its samples do not depend on what else is
@@ -304,6 +308,7 @@ class BatchedEngine:
         # new sequences only when the running batch is empty. Decided at the first prefill.
         self._mergeable_cache: bool | None = None
         self._weights = self._weight_targets(model)
+        self._weights_version: int | None = None
 
     @property
     def num_running(self) -> int:
@@ -336,12 +341,16 @@ class BatchedEngine:
         return group
 
     @torch.inference_mode()
-    def step(self, newcomers: list[Sequence]) -> list[Sequence]:
+    def step(self, newcomers: list[Sequence], weights_version: int | None = None) -> list[Sequence]:
         """Prefill ``newcomers``, then decode one token for every running sequence.
+
+        ``weights_version`` labels the weights this step computes with; every sequence that gets a
+        token records it (``first_weights_version``, ``last_weights_version``).
 
         Returns:
             The sequences that finished during this step (their ``finish_reason`` is set).
         """
+        self._weights_version = weights_version
         finished = self._drop_aborted()
         for seq in newcomers:
             if seq.abort_requested:
@@ -549,6 +558,9 @@ class BatchedEngine:
         for row, seq in enumerate(seqs):
             token = int(tokens[row])
             seq.output_ids.append(token)
+            if seq.first_weights_version is None:
+                seq.first_weights_version = self._weights_version
+            seq.last_weights_version = self._weights_version
             if seq.spec.logprobs:
                 seq.output_logprobs.append(float(logprobs[row]))
             # Same order as vLLM's check_stop; both reasons map to verl's "completed".

@@ -80,8 +80,13 @@ class CPURolloutServer:
     * ``sleep`` (hybrid/colocated, with ``free_cache_engine``) waits for in-flight requests to
       finish and holds new ones until ``wake_up`` has restored both "weights" and "kv_cache";
       weights stay in memory, since host memory is what the trainer uses too and a CPU model is small;
-    * ``update_weights`` loads HF-named tensors; every ``TokenOutput`` carries the weight version set
-      by ``set_global_steps`` in ``extra_fields["global_steps"]``.
+    * ``update_weights`` loads HF-named tensors, the buckets of one sync together between two engine
+      steps; every ``TokenOutput`` carries the weight version set by ``set_global_steps`` (or the
+      sync) in ``extra_fields["global_steps"]``, and the versions of the weights that produced its
+      first and last tokens as verl's ``min_global_steps``/``max_global_steps``: a weight sync that
+      lands while a colocated replica generates (NPD never pauses it) changes the weights between two
+      steps of a running request, whose KV cache then holds both versions, and the sample is tagged
+      with the older (exact: each step records the version it computed with).
 
     Args:
         config: the rollout config (``RolloutConfig`` or its DictConfig).
@@ -120,6 +125,8 @@ class CPURolloutServer:
 
         # Calls received, by method: what NPD's scoring costs in requests (get_engine_stats).
         self._calls: Counter[str] = Counter()
+        # The buckets of a weight sync received so far, loaded together with its last one.
+        self._staged_weights: list[tuple[str, torch.Tensor]] = []
         self._engine: Optional[BatchedEngine] = None
         self._engine_task: Optional[asyncio.Task] = None
         self._waiting: deque[Sequence] = deque()
@@ -308,6 +315,10 @@ class CPURolloutServer:
 
     def _token_output(self, seq: Sequence) -> TokenOutput:
         extra_fields: dict[str, Any] = {"global_steps": self.global_steps, "num_cached_tokens": 0}
+        if seq.first_weights_version is not None:
+            # verl's clients keep them (setdefault, verl/workers/rollout/llm_server.py:160-162).
+            extra_fields["min_global_steps"] = seq.first_weights_version
+            extra_fields["max_global_steps"] = seq.last_weights_version
         if seq.prompt_topk_ids is not None:
             extra_fields["prompt_ids"] = seq.prompt_topk_ids
             extra_fields["prompt_logprobs"] = seq.prompt_topk_logprobs
@@ -342,7 +353,7 @@ class CPURolloutServer:
             async with self._step_lock:
                 newcomers = self._engine.take_prefill_group(self._waiting)
                 try:
-                    finished = await asyncio.to_thread(self._engine.step, newcomers)
+                    finished = await asyncio.to_thread(self._engine.step, newcomers, self.global_steps)
                 except Exception as error:
                     # Fail the requests of this step instead of the whole server; later requests
                     # start from an empty batch.
@@ -422,20 +433,28 @@ class CPURolloutServer:
         await self._drained.wait()
 
     async def update_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: Optional[int] = None
+        self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: Optional[int] = None, last: bool = True
     ) -> int:
         """Load ``(hf_name, tensor)`` pairs into the model; optionally tag the new weight version.
 
-        May be called once per bucket. Runs between engine steps; verl aborts or drains requests
-        before a weight sync, as it does with vLLM.
+        A sync sent in buckets calls this once per bucket with ``last=False`` but for the final one:
+        the buckets are held until then and loaded together, between two engine steps, with the
+        version set at the same moment, so that no step computes with part of the old weights and
+        part of the new (a colocated replica keeps generating through a sync). verl's vLLM replica
+        receives every bucket in one ``collective_rpc`` (verl/workers/rollout/vllm_rollout/vllm_rollout.py:228-244),
+        which vLLM's engine core runs between two steps.
 
         Returns:
-            The number of tensors loaded.
+            The number of tensors loaded (0 for a bucket held for later).
         """
+        self._staged_weights.extend(weights)
+        if not last:
+            return 0
+        staged, self._staged_weights = self._staged_weights, []
         async with self._step_lock:
-            loaded = await asyncio.to_thread(self._engine.load_weights, list(weights))
-        if global_steps is not None:
-            self.global_steps = global_steps
+            loaded = await asyncio.to_thread(self._engine.load_weights, staged)
+            if global_steps is not None:
+                self.global_steps = global_steps
         return loaded
 
     async def set_global_steps(self, global_steps: int) -> None:
@@ -594,7 +613,7 @@ class CPUServerAdapter(BaseRollout):
             bucket.append((name, tensor))
             bucket_size += tensor.nbytes
             if bucket_size >= bucket_bytes:
-                await self.server.update_weights.remote(bucket)
+                await self.server.update_weights.remote(bucket, last=False)
                 bucket, bucket_size = [], 0
         if self.is_leader_rank:
-            await self.server.update_weights.remote(bucket, global_steps=global_steps)
+            await self.server.update_weights.remote(bucket, global_steps=global_steps, last=True)

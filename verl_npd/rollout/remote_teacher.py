@@ -16,7 +16,13 @@ code (``vllm/entrypoints/openai/completion/protocol.py`` of vLLM's main branch a
   entries; JSON turns the ids into strings); log-probs of -inf arrive as -9999.0.
 
 Entry i of vLLM's list scores token i; verl's layout (:class:`PromptScores`) has entry t score token
-t+1 and a zero pad row last, so the rows shift by one. Failures: a request that times out, cannot
+t+1 and a zero pad row last, so the rows shift by one. A teacher's embedding matrix may be padded
+beyond its tokenizer (Qwen2.5-7B: 152,064 rows for 151,665 tokens; its student Qwen2.5-0.5B has
+151,936), and a plain ``vllm serve`` scores those rows too; verl's own vLLM server masks every id at or
+beyond the tokenizer's size (``monkey_patch_compute_logits``, verl/workers/rollout/vllm_rollout/
+utils.py:106-131, called with ``len(tokenizer)`` at vllm_async_server.py:500-506). Such an id among the
+top k is kept as a zero-probability entry (id 0, log-prob -inf) instead: the student's logits may have
+no row for it. Failures: a request that times out, cannot
 connect or gets a 5xx/408/429 answer is retried with exponential backoff for up to ``max_wait_s``
 (a teacher server restarting is waited for); any other HTTP error and any malformed answer fail at
 once with a message naming the URL. ``score`` returns every sequence's scores or raises: a wave is
@@ -67,10 +73,11 @@ def completion_request(model: str | None, sequence: Sequence[int], num_logprobs:
 
 
 def parse_prompt_logprobs(
-    response: Any, sequence: Sequence[int], num_logprobs: int, url: str
+    response: Any, sequence: Sequence[int], num_logprobs: int, url: str, num_valid_tokens: int | None = None
 ) -> PromptScores:
     """One completion response to :class:`PromptScores` (verl's layout); a clear error naming
-    ``url`` when it is not what vLLM's server returns for ``completion_request``."""
+    ``url`` when it is not what vLLM's server returns for ``completion_request``. Top-k ids at or
+    beyond ``num_valid_tokens`` (the tokenizer's size) become zero-probability entries."""
 
     def malformed(why: str) -> TeacherRequestError:
         return TeacherRequestError(f"malformed prompt_logprobs answer from {url}: {why}")
@@ -109,6 +116,8 @@ def parse_prompt_logprobs(
             if len(ranked) < num_logprobs or ranked[-1][2] > num_logprobs:
                 raise malformed(f"entry {i} has fewer than the {num_logprobs} top log-probs asked for")
             chosen = [(t, lp) for t, lp, _ in ranked]
+            if num_valid_tokens is not None:
+                chosen = [(t, lp) if t < num_valid_tokens else (0, float("-inf")) for t, lp in chosen]
         topk_ids[i - 1] = torch.tensor([t for t, _ in chosen], dtype=torch.int32)
         topk_log_probs[i - 1] = torch.tensor([lp for _, lp in chosen], dtype=torch.float32)
     return PromptScores(topk_ids=topk_ids, topk_log_probs=topk_log_probs, token_log_probs=token_log_probs)
@@ -125,6 +134,8 @@ class HTTPTeacher:
         timeout_s: per request, before it counts as a failed attempt.
         max_wait_s: how long a request keeps being retried while the server is unreachable,
             restarting or overloaded, before the run fails.
+        num_valid_tokens: the tokenizer's size: larger top-k ids are masked (module docstring);
+            None keeps every id.
     """
 
     def __init__(
@@ -135,6 +146,7 @@ class HTTPTeacher:
         max_concurrency: int,
         timeout_s: float,
         max_wait_s: float,
+        num_valid_tokens: int | None = None,
     ):
         self.url = url.rstrip("/")
         self.endpoint = f"{self.url}/completions"
@@ -145,6 +157,7 @@ class HTTPTeacher:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.max_wait_s = max_wait_s
+        self.num_valid_tokens = num_valid_tokens
         self.retries = 0  # attempts that failed and were made again
         # The limit on requests in flight, shared by concurrent ``score`` calls; an asyncio
         # semaphore belongs to one event loop (the rollout manager runs its own, each test its own).
@@ -178,7 +191,7 @@ class HTTPTeacher:
             try:
                 async with self._slots:
                     answer = await self._post(session, body)
-                return parse_prompt_logprobs(answer, sequence, num_logprobs, self.endpoint)
+                return parse_prompt_logprobs(answer, sequence, num_logprobs, self.endpoint, self.num_valid_tokens)
             except _Retryable as e:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -137,7 +137,10 @@ class ServerPool:
 
     async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any]):
         """One generation request, as verl's ``LLMServerClient.generate`` makes it, on the next server;
-        the weight version that served it is reported the way verl's client reports it."""
+        its weight versions are reported the way verl's client reports them: the server's own
+        ``min_global_steps``/``max_global_steps`` (the versions of the first and last tokens: npd_cpu,
+        and verl's vLLM server with :mod:`verl_npd.rollout.vllm_weight_versions`), else the one it
+        answered with for both."""
         handle = self.handles[self._next]
         self._next = (self._next + 1) % len(self.handles)
         self.calls += 1

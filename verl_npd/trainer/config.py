@@ -143,6 +143,14 @@ class TeacherConfig:
             "restarting or overloaded, before the run fails."
         },
     )
+    gpu_memory_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of each trainer GPU's memory the served teacher holds when it runs on those same GPUs "
+            "(its vllm serve --gpu-memory-utilization, as in the one-GPU recipe); 0: it runs on GPUs of its own. "
+            "The preflight counts it out of the trainer's memory."
+        },
+    )
 
     def __post_init__(self):
         if self.url is not None and not self.url.startswith(("http://", "https://")):
@@ -151,6 +159,8 @@ class TeacherConfig:
             raise ValueError(f"npd.teacher.max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.max_wait_s <= 0:
             raise ValueError(f"npd.teacher.max_wait_s must be > 0, got {self.max_wait_s}")
+        if not 0.0 <= self.gpu_memory_share < 1.0:
+            raise ValueError(f"npd.teacher.gpu_memory_share must lie in [0, 1), got {self.gpu_memory_share}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ owns only the loop; ``main_npd`` drives it like ``main_ppo`` drives ``RayPPOTrai
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -101,10 +102,13 @@ class NearPolicyTrainer(RayPPOTrainer):
         """Student generation on replicas with their own resources, as verl's separate_async does
         (trainer_separate_async.py ``_setup``): the trainer never waits for its GPUs to switch.
 
-        verl 0.9.1's ``RayPPOTrainer`` always builds colocated replicas too (ray_trainer.py:334).
-        They serve validation only here, woken and synced in-process (the ``naive`` engine) for it
-        and put back to sleep after, while the standalone replicas get the weights through the
-        configured checkpoint engine (nccl on GPUs, ``npd_gloo`` on CPU) every ``sync_interval``.
+        verl 0.9.1's ``RayPPOTrainer`` always builds colocated replicas too (ray_trainer.py:333-334
+        requires its hybrid engine, :951 builds them). They serve validation only here, woken and
+        synced in-process (the ``naive`` engine) for it and put back to sleep after; only with
+        ``rollout.free_cache_engine=true`` (as the recipes set it) does a sleep free their memory on
+        the trainer's GPUs (vllm_async_server.py:853-862). The standalone replicas, built with their
+        own memory share (:func:`standalone_rollout_config`), get the weights through the configured
+        checkpoint engine (nccl on GPUs, ``npd_gloo`` on CPU) every ``sync_interval``.
         """
         from dataclasses import replace
 
@@ -117,7 +121,9 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.checkpoint_manager = CheckpointEngineManager(
             config=replace(engine_config, backend="naive"), actor_wg=self.actor_rollout_wg, replicas=colocated
         )
-        self.standalone_server_manager = LLMServerManager.create(config=self.config, start_rank=len(colocated))
+        self.standalone_server_manager = LLMServerManager.create(
+            config=standalone_rollout_config(self.config), start_rank=len(colocated)
+        )
         self.standalone_checkpoint_manager = CheckpointEngineManager(
             config=engine_config,
             actor_wg=self.actor_rollout_wg,
@@ -127,10 +133,7 @@ class NearPolicyTrainer(RayPPOTrainer):
     def _prompt_item(self, position: int) -> PromptItem:
         row = self.train_dataset[self.stream.dataset_index(position)]
         prompt_ids = render_chat_ids(
-            self.tokenizer,
-            row["raw_prompt"],
-            add_generation_prompt=True,
-            **self.config.data.get("apply_chat_template_kwargs", {}),
+            self.tokenizer, row["raw_prompt"], add_generation_prompt=True, **chat_template_kwargs(self.config.data)
         )
         teacher_key = self.config.distillation.get("teacher_key", "data_source")
         routing_key = row.get(teacher_key)
@@ -180,7 +183,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             sample_filter=DeltaIFDFilter(self.npd.filter),
             prompt_fn=self._prompt_item,
             stream=self.stream,
-            header_ids=TokenizerInfo.from_tokenizer(self.tokenizer).header_ids,
+            header_ids=assistant_header_ids(self.tokenizer, self.config.data),
             samples_per_prompt=rollout.n,
             sampling_params={"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k},
             max_wave_prompts=generation.max_concurrent_prompts,
@@ -208,6 +211,7 @@ class NearPolicyTrainer(RayPPOTrainer):
                     max_concurrency=served.max_concurrency,
                     timeout_s=self.npd.generation.request_timeout_s,
                     max_wait_s=served.max_wait_s,
+                    num_valid_tokens=len(self.tokenizer),
                 )
             }
         teachers = self.teacher_model_manager.distillation_config.teacher_models
@@ -474,6 +478,37 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.stream.load_state_dict(state["stream"])
         self._last_saved_step = self.global_steps
         logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
+
+
+def chat_template_kwargs(data_config) -> dict[str, Any]:
+    """verl's ``data.apply_chat_template_kwargs``: how every prompt is rendered (verl's dataset
+    renders its prompts with them too)."""
+    return dict(data_config.get("apply_chat_template_kwargs", None) or {})
+
+
+def assistant_header_ids(tokenizer, data_config) -> tuple[int, ...]:
+    """The assistant header that opens the unconditional Δ-IFD prefills (header + response),
+    rendered with the chat-template arguments the prompts were rendered with: with Qwen3's
+    ``enable_thinking: false`` the header the student generated after is ``<|im_start|>assistant\n``
+    followed by an empty think block, and the unconditional terms must condition on the same."""
+    return TokenizerInfo.from_tokenizer(tokenizer, **chat_template_kwargs(data_config)).header_ids
+
+
+def standalone_rollout_config(config):
+    """The config the standalone replicas are built from: with ``rollout.standalone_gpu_memory_utilization``
+    set, that is their memory share (they own their GPUs), while ``gpu_memory_utilization`` stays the
+    share of the replicas verl 0.9.1 still builds on the trainer's GPUs for validation; verl's
+    fully-async rollouter builds its standalone replicas the same way
+    (verl/experimental/fully_async_policy/fully_async_rollouter.py:110-128)."""
+    from omegaconf import open_dict
+
+    share = config.actor_rollout_ref.rollout.get("standalone_gpu_memory_utilization")
+    if share is None:
+        return config
+    standalone = copy.deepcopy(config)
+    with open_dict(standalone):
+        standalone.actor_rollout_ref.rollout.gpu_memory_utilization = share
+    return standalone
 
 
 @dataclass

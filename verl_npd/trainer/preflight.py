@@ -1,5 +1,7 @@
 """Checks that run before any Ray actor starts, so that a misconfigured run fails in seconds with
-one line naming the field, file or row, instead of failing deep inside a worker or hanging in Ray."""
+one line naming the field, file or row, instead of failing deep inside a worker or hanging in Ray.
+``main_npd --check`` runs the same checks and lists every problem instead of stopping at the first
+(:mod:`verl_npd.trainer.readiness`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import traceback
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_npd.platform.gpu_stack import gpu_stack_problems
 from verl_npd.tokenizers import TokenizerError, check_shared_token_ids, load_tokenizer
 
 
@@ -18,50 +21,122 @@ class PreflightError(ValueError):
     """A configuration or input problem found before the run started."""
 
 
-def preflight(config: DictConfig) -> None:
-    from verl_npd.trainer.config import NPDConfig
+# What a failed check returns when problems are collected rather than raised.
+FAILED = object()
 
+
+class Problems:
+    """Runs checks in order. A run stops at the first problem (``collect=False``: the check's
+    PreflightError propagates); the readiness check (``main_npd --check``) collects every one."""
+
+    def __init__(self, collect: bool):
+        self.collect = collect
+        self.found: list[str] = []
+
+    def run(self, check, *args):
+        """``check(*args)``'s result, or :data:`FAILED` once its problem is recorded."""
+        try:
+            return check(*args)
+        except PreflightError as e:
+            if not self.collect:
+                raise
+            self.found.append(str(e))
+            return FAILED
+
+    def report(self, problems: list[str]) -> None:
+        """Problems a check listed rather than raised (several independent ones)."""
+        if problems and not self.collect:
+            raise PreflightError(problems[0])
+        self.found.extend(problems)
+
+
+def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collect: bool = False) -> list[str]:
+    """Check the config and its inputs before anything starts. Raises the first problem, or with
+    ``collect`` returns them all (a check whose input an earlier one rejected is skipped, so that a
+    problem is named once). ``gpu_memory_bytes``: each GPU's memory, for the memory estimates
+    (:mod:`verl_npd.trainer.memory`); None skips them."""
     if "npd" not in config:
         raise PreflightError("the config has no 'npd' section; extend verl_npd/config/npd_trainer.yaml")
-    check_named(config)
+    problems = Problems(collect)
+    named = problems.run(check_named, config) is not FAILED
+    npd = problems.run(npd_settings, config)
+    if npd is not FAILED:
+        problems.run(check_token_budget, config, npd.packing.truncate)
+    problems.run(check_distillation_enabled, config)
+    problems.run(check_served_teacher_count, config)
+    student_path, teacher_paths = FAILED, {}
+    if named:
+        student_path = problems.run(check_model_path, "actor_rollout_ref.model.path", config.actor_rollout_ref.model.path)
+        for key, teacher in config.distillation.teacher_models.items():
+            field_name = f"distillation.teacher_models.{key}.model_path"
+            teacher_paths[field_name] = problems.run(check_model_path, field_name, teacher.model_path)
+    for key in VERL_CONFIG_SECTIONS:
+        problems.run(check_verl_section, config, key)
+    tokenizer = FAILED if student_path is FAILED else problems.run(student_tokenizer, config, student_path)
+    if tokenizer is not FAILED:
+        for field_name, teacher_path in teacher_paths.items():
+            if teacher_path is not FAILED:
+                problems.run(check_teacher_tokenizer, config, field_name, teacher_path, tokenizer)
+    prompt_key = config.data.get("prompt_key", "prompt")
+    for field_name in ("data.train_files", "data.val_files") if named else ():
+        paths = problems.run(check_data_files, field_name, config.data[field_name.split(".")[1]], prompt_key)
+        if paths is not FAILED and tokenizer is not FAILED:
+            problems.run(check_prompt_lengths, field_name, paths, prompt_key, tokenizer, config.data)
+    rollout = config.actor_rollout_ref.rollout
+    problems.run(check_standalone_rollout, rollout)
+    problems.run(check_colocated_rollout, rollout)
+    problems.run(check_behaviour_log_probs, rollout)
+    problems.run(check_max_model_len, config)
+    problems.run(check_resources, config)
+    problems.report(gpu_stack_problems(config))
+    problems.run(check_wandb_login, config)
+    if gpu_memory_bytes is not None and named:
+        problems.report(memory_problems(config, gpu_memory_bytes))
+    return problems.found
+
+
+def npd_settings(config: DictConfig):
+    from verl_npd.trainer.config import NPDConfig
+
     try:
-        npd = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
+        return NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True))
     except (ValueError, TypeError) as e:
         raise PreflightError(f"invalid config: {e}") from None
-    check_token_budget(config, truncate=npd.packing.truncate)
+
+
+def check_distillation_enabled(config: DictConfig) -> None:
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
 
+
+def check_served_teacher_count(config: DictConfig) -> None:
     if served_teacher_url(config) and len(config.distillation.teacher_models) != 1:
         raise PreflightError(
             f"npd.teacher.url serves one teacher, but distillation.teacher_models has "
             f"{len(config.distillation.teacher_models)} ({sorted(config.distillation.teacher_models)})"
         )
-    student_path = check_model_path("actor_rollout_ref.model.path", config.actor_rollout_ref.model.path)
-    teacher_paths = {
-        f"distillation.teacher_models.{key}.model_path": check_model_path(
-            f"distillation.teacher_models.{key}.model_path", teacher.model_path
-        )
-        for key, teacher in config.distillation.teacher_models.items()
-    }
-    check_verl_config(config)
-    trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+
+
+def student_tokenizer(config: DictConfig, student_path: str):
     try:
-        student_tokenizer = load_tokenizer(student_path, trust)
+        return load_tokenizer(student_path, bool(config.actor_rollout_ref.model.get("trust_remote_code", False)))
     except TokenizerError as e:
         raise PreflightError(f"actor_rollout_ref.model.path: {e}") from None
-    for field_name, teacher_path in teacher_paths.items():
-        try:
-            check_shared_token_ids(load_tokenizer(teacher_path, trust), student_tokenizer)
-        except TokenizerError as e:
-            raise PreflightError(f"{field_name}: {e}") from None
-    prompt_key = config.data.get("prompt_key", "prompt")
-    for field_name in ("data.train_files", "data.val_files"):
-        paths = check_data_files(field_name, config.data[field_name.split(".")[1]], prompt_key)
-        check_prompt_lengths(field_name, paths, prompt_key, student_tokenizer, config.data)
-    check_standalone_rollout(config.actor_rollout_ref.rollout)
-    check_behaviour_log_probs(config.actor_rollout_ref.rollout)
-    check_resources(config)
+
+
+def check_teacher_tokenizer(config: DictConfig, field_name: str, teacher_path: str, student) -> None:
+    trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+    try:
+        check_shared_token_ids(load_tokenizer(teacher_path, trust), student)
+    except TokenizerError as e:
+        raise PreflightError(f"{field_name}: {e}") from None
+
+
+def memory_problems(config: DictConfig, gpu_memory_bytes: int) -> list[str]:
+    from verl_npd.trainer.memory import memory_needs
+
+    needs, _ = memory_needs(config, gpu_memory_bytes)
+    return [need.problem() for need in needs if not need.fits]
 
 
 def check_token_budget(config: DictConfig, truncate: bool) -> None:
@@ -130,6 +205,83 @@ def check_standalone_rollout(rollout: DictConfig) -> None:
             "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot sync a standalone rollout "
             f"(actor_rollout_ref.rollout.nnodes={rollout.nnodes}); use nccl on GPUs or npd_gloo on CPU"
         )
+
+
+def check_colocated_rollout(rollout: DictConfig) -> None:
+    """A rollout colocated with the trainer (``rollout.nnodes=0``) shares the trainer's GPUs and is
+    synced in-process (verl's ``naive`` engine: NCCL cannot connect two processes on one GPU). It
+    generates while the trainer trains, so it must stay awake, and a sync cannot clear its vLLM
+    prefix cache: verl
+    calls vLLM's ``reset_prefix_cache`` without preempting running requests
+    (verl/workers/rollout/vllm_rollout/vllm_async_server.py:864-870), and vLLM refuses to reset
+    while any request holds cache blocks (``Scheduler.reset_prefix_cache``,
+    vllm/v1/core/sched/scheduler.py), which NPD's always-busy replicas always do. Blocks computed
+    with old weights would then be reused by new requests (npd_trainer.yaml turns caching off).
+    A standalone rollout is synced after verl's ``abort_all_requests``, vLLM's
+    ``pause_generation(clear_cache=True)``, which aborts every request first
+    (vllm_async_server.py:931-995), so caching is safe there."""
+    if rollout.nnodes > 0:
+        return
+    if rollout.checkpoint_engine.backend != "naive":
+        raise PreflightError(
+            f"actor_rollout_ref.rollout.checkpoint_engine.backend={rollout.checkpoint_engine.backend} with the "
+            "rollout colocated with the trainer (actor_rollout_ref.rollout.nnodes=0): the trainer syncs its own "
+            "GPUs' replicas in-process; set it to naive"
+        )
+    if rollout.free_cache_engine:
+        raise PreflightError(
+            "actor_rollout_ref.rollout.free_cache_engine=true with the rollout colocated with the trainer "
+            "(actor_rollout_ref.rollout.nnodes=0): NPD generates while it trains, so the rollout must never "
+            "sleep; set it to false (npd_trainer.yaml does)"
+        )
+    if rollout.name == "vllm" and rollout.get("enable_prefix_caching", False):
+        raise PreflightError(
+            "actor_rollout_ref.rollout.enable_prefix_caching=true with the student's vLLM colocated with the "
+            "trainer (actor_rollout_ref.rollout.nnodes=0): a weight sync cannot reset the cache while NPD's "
+            "requests run, so KV blocks of old weights would be reused; set it to false (npd_trainer.yaml does)"
+        )
+
+
+def check_max_model_len(config: DictConfig) -> None:
+    """A rollout context shorter than the longest prompt and response would cut responses short of
+    ``data.max_response_length`` (vLLM caps a request at ``max_model_len`` less its prompt,
+    vllm_async_server.py:593-617)."""
+    max_model_len = config.actor_rollout_ref.rollout.get("max_model_len")
+    longest = config.data.max_prompt_length + config.data.max_response_length
+    if max_model_len is not None and max_model_len < longest:
+        raise PreflightError(
+            f"actor_rollout_ref.rollout.max_model_len={max_model_len} is less than data.max_prompt_length + "
+            f"data.max_response_length = {longest}; set it to {longest}"
+        )
+
+
+def check_wandb_login(config: DictConfig) -> None:
+    """verl starts its trackers in ``fit``, after every worker and server is up; wandb without a
+    login fails only then. Where wandb 0.31 looks for a login, in order
+    (wandb/sdk/lib/wbauth/authenticate.py, ``_use_system_auth``): WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE, then the netrc file (NETRC, else ~/.netrc) entry for its host; runs
+    with WANDB_MODE=offline or disabled need none."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if "wandb" not in list(config.trainer.get("logger") or []):
+        return
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    netrc_path = os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")
+    try:
+        if netrc.netrc(netrc_path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise PreflightError(
+        f"trainer.logger includes wandb, but wandb has no login here (no WANDB_API_KEY, no {host} entry in "
+        f"{netrc_path}), and it would fail only once every worker is up: run `wandb login`, set "
+        "WANDB_MODE=offline, or log with trainer.logger='[console,tensorboard]'"
+    )
 
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -215,17 +367,21 @@ VERL_CONFIG_SECTIONS = (
 
 def check_verl_config(config: DictConfig) -> None:
     """Build verl's config dataclasses from the composed config as verl will, so that a value verl
-    rejects fails here, named by its full key, rather than in a worker after Ray has started.
+    rejects fails here, named by its full key, rather than in a worker after Ray has started."""
+    for key in VERL_CONFIG_SECTIONS:
+        check_verl_section(config, key)
 
-    Importing verl loads our plugin first, so our loss modes, engines and patches are in place."""
+
+def check_verl_section(config: DictConfig, key: str) -> None:
+    """One section of :data:`VERL_CONFIG_SECTIONS`, built as verl builds it. Importing verl loads
+    our plugin first, so our loss modes, engines and patches are in place."""
     from verl.utils.config import omega_conf_to_dataclass
 
-    for key in VERL_CONFIG_SECTIONS:
-        section = OmegaConf.select(config, key)
-        try:
-            omega_conf_to_dataclass(section)
-        except Exception as error:  # noqa: BLE001 - whatever verl raises is reported with the key
-            raise PreflightError(describe_verl_config_error(*deepest_failure(key, section, error))) from None
+    section = OmegaConf.select(config, key)
+    try:
+        omega_conf_to_dataclass(section)
+    except Exception as error:  # noqa: BLE001 - whatever verl raises is reported with the key
+        raise PreflightError(describe_verl_config_error(*deepest_failure(key, section, error))) from None
 
 
 def deepest_failure(key: str, section: DictConfig, error: Exception) -> tuple[str, DictConfig, Exception]:
@@ -426,7 +582,7 @@ def check_resources(config: DictConfig) -> None:
     ray_init = config.get("ray_kwargs", {}).get("ray_init", {})
     if ray_init.get("address") or os.environ.get("RAY_ADDRESS"):
         return
-    if get_device_name() == "cpu":
+    if get_device_name() == "cpu" and config.trainer.device == "cpu":
         declared = ray_init.get("num_gpus")
         if declared is None or declared < needed:
             raise PreflightError(
@@ -435,8 +591,16 @@ def check_resources(config: DictConfig) -> None:
             )
         return
     if config.trainer.nnodes == 1 and config.distillation.nnodes <= 1 and rollout.nnodes <= 1:
-        import torch
-
-        available = torch.cuda.device_count()
+        available = cuda_gpus_here()
         if available < needed:
-            raise PreflightError(f"this run needs {needed} GPUs ({breakdown}) but this node has {available}")
+            raise PreflightError(
+                f"this run needs {needed} GPUs ({breakdown}) but this node has {available} "
+                f"(trainer.device={config.trainer.device})"
+            )
+
+
+def cuda_gpus_here() -> int:
+    """The CUDA GPUs this process sees (``CUDA_VISIBLE_DEVICES`` applies)."""
+    import torch
+
+    return torch.cuda.device_count()
