@@ -341,11 +341,10 @@ def test_served_teacher_is_the_toy_teacher_with_the_methods_threads_and_is_stopp
     import asyncio
 
     import torch
-    from test_remote_teacher import _forward_scores
+    from test_remote_teacher import _forward_scores, http_teacher
     from transformers import AutoModelForCausalLM
 
     from verl_npd.bench import runner
-    from verl_npd.rollout.remote_teacher import HTTPTeacher
 
     # On 12 cores an NPD job with a teacher replica runs 3 processes (trainer, the student's rollout
     # server, the teacher's server): the default share is 4 threads each, and "auto" tries that and
@@ -368,7 +367,7 @@ def test_served_teacher_is_the_toy_teacher_with_the_methods_threads_and_is_stopp
     with pytest.raises(KeyboardInterrupt):
         with bench.served_teacher(seed=1, run_dir=str(tmp_path), threads=4) as (url, start_s):
             assert url.startswith("http://127.0.0.1:") and start_s > 0
-            teacher = HTTPTeacher(url, SERVED_TEACHER_NAME, None, max_concurrency=1, timeout_s=60, max_wait_s=30)
+            teacher = http_teacher(url, model=SERVED_TEACHER_NAME, max_wait_s=30)
             served = asyncio.run(teacher.score([sequence], 4))[0]
             raise KeyboardInterrupt
     assert not answers(url)
