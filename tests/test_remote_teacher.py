@@ -1,7 +1,8 @@
 """A teacher served over HTTP (``npd.teacher.url``): ``python -m verl_npd.serve`` (vLLM's API) and a
 fake SGLang server give, through ``HTTPTeacher``'s batched requests, the toy teacher's exact prompt
 scores; work is balanced over several servers and survives one being killed; every failure is
-either waited out (a restart) or reported naming the URL. No Ray: the servers are subprocesses."""
+either waited out (a restart) or reported naming the URL; and the preflight's probe names a
+teacher that cannot serve the run. No Ray: the servers are subprocesses."""
 
 import asyncio
 import json
@@ -16,7 +17,7 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import REPO, TOY_CONFIG, compose
+from conftest import REPO, TOY_CONFIG, compose, run_module
 
 from verl_npd.rollout.remote_teacher import HTTPTeacher, TeacherRequestError, token_batches
 from verl_npd.rollout.teacher_api import VLLMCompletions
@@ -421,14 +422,18 @@ def test_work_is_balanced_and_survives_a_killed_server(toy_world, sequences):
 
 def test_sglang_layout_gives_the_teachers_forward_pass(toy_world, sequences):
     """``npd.teacher.api=sglang`` against a fake SGLang server (tests/fake_sglang.py: SGLang's
-    /generate layout, the toy teacher's real scores): batched requests give the forward pass."""
-    from transformers import AutoModelForCausalLM
+    /generate layout, the toy teacher's real scores): batched requests give the forward pass, and
+    the preflight's probe accepts it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verl_npd.rollout.teacher_probe import probe_served_teacher
 
     port = _free_port()
     argv = [sys.executable, os.path.join(REPO, "tests", "fake_sglang.py"), str(toy_world.teacher_dir), "--port", str(port)]
     process = start_listening([*argv, "--served-model-name", "toy"], port)
     try:
         url = f"http://127.0.0.1:{port}"
+        probe_served_teacher([url], "sglang", "toy", None, TOPK, AutoTokenizer.from_pretrained(toy_world.student_dir), 10)
         teacher = http_teacher(url, api="sglang", max_tokens_per_request=2 * max(len(s) for s in sequences))
 
         async def score():
@@ -447,6 +452,82 @@ def test_sglang_layout_gives_the_teachers_forward_pass(toy_world, sequences):
         torch.testing.assert_close(served_0.topk_ids[:-1, 0], torch.tensor(sequence[1:], dtype=torch.int32))
         torch.testing.assert_close(served_0.topk_log_probs[:-1, 0], actual, rtol=0, atol=1e-4)
         assert served_k.topk_ids[-1].tolist() == [0] * TOPK and served_0.topk_ids.shape == (len(sequence), 1)
+
+
+def _probe(url: str, tokenizer, model: str | None = "toy", topk: int = TOPK, timeout_s: float = 10) -> None:
+    from verl_npd.rollout.teacher_probe import probe_served_teacher
+
+    probe_served_teacher([url], "vllm", model, None, topk, tokenizer, timeout_s)
+
+
+def test_the_probe_names_a_teacher_that_cannot_serve_the_run(toy_world, served, tmp_path):
+    """One line each, naming the URL, the limit and the fix: too low a log-prob cap, several served
+    models and none named, a model it does not serve, no answer, an answer that never comes, another
+    tokenizer."""
+    from transformers import AutoTokenizer
+    from verl_npd.rollout.teacher_probe import TeacherProbeError
+
+    from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
+
+    student = AutoTokenizer.from_pretrained(toy_world.student_dir)
+    url = f"http://127.0.0.1:{served}/v1"
+    _probe(url, student)  # the run's settings: it passes
+    for kwargs, message in (
+        (
+            {"topk": 8},
+            f"npd.teacher.url: the teacher at {url} returns at most 4 log-probs per token (vLLM's --max-logprobs), "
+            "fewer than distillation.distillation_loss.topk=8: restart it with --max-logprobs 8 (or more), or lower "
+            "the top-k",
+        ),
+        (
+            {"model": None},
+            f"npd.teacher.url: the teacher at {url} serves several models ['toy', 'teacher']: set npd.teacher.model "
+            "to the teacher's",
+        ),
+        (
+            {"model": "nope"},
+            f"npd.teacher.url: the teacher at {url} does not serve npd.teacher.model='nope'; it serves ['toy', 'teacher']",
+        ),
+    ):
+        with pytest.raises(TeacherProbeError) as error:
+            _probe(url, student, **kwargs)
+        assert str(error.value) == message
+
+    port = _free_port()  # nothing listens there
+    with pytest.raises(TeacherProbeError, match=rf"the teacher at http://127.0.0.1:{port}/v1 did not answer .*Connection refused"):
+        _probe(f"http://127.0.0.1:{port}/v1", student)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        start = time.monotonic()
+        with pytest.raises(TeacherProbeError, match=r"did not answer .*timed out; the probe waits npd.teacher.probe_timeout_s=1s"):
+            _probe(silent_url, student, timeout_s=1)
+        assert time.monotonic() - start < 10
+
+    other = tmp_path / "other"
+    build_tiny_qwen2(other, vocab_size=len(build_tiny_tokenizer(other)))
+    port = _free_port()
+    process = _start_server(other, port)
+    try:
+        with pytest.raises(TeacherProbeError, match="tokenizes differently from the student .*serve a teacher with the student's tokenizer"):
+            _probe(f"http://127.0.0.1:{port}/v1", student)
+    finally:
+        _stop(process)
+
+
+def test_main_npd_stops_before_ray_on_a_teacher_capped_below_the_top_k(served):
+    """The toy's top-k is 8; the served teacher returns at most 4: main_npd exits 2 in its preflight
+    with the probe's line, and no Ray cluster starts."""
+    url = f"http://127.0.0.1:{served}/v1"
+    result = run_module(
+        "verl_npd.main_npd", [f"npd.teacher.url=[{url}]", "npd.teacher.model=toy", "ray_kwargs.ray_init.num_gpus=1"], 180
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"npd.teacher.url: the teacher at {url} returns at most 4 log-probs per token" in line
+    assert "restart it with --max-logprobs 8" in line
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
 
 
 def test_teacher_urls_come_as_one_or_a_list_and_bad_ones_are_named():

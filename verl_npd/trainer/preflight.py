@@ -62,6 +62,7 @@ def preflight(config: DictConfig) -> None:
     check_standalone_rollout(config.actor_rollout_ref.rollout)
     check_behaviour_log_probs(config.actor_rollout_ref.rollout)
     check_resources(config)
+    check_served_teacher(config, npd, student_tokenizer)
 
 
 def check_token_budget(config: DictConfig, truncate: bool) -> None:
@@ -440,3 +441,27 @@ def check_resources(config: DictConfig) -> None:
         available = torch.cuda.device_count()
         if available < needed:
             raise PreflightError(f"this run needs {needed} GPUs ({breakdown}) but this node has {available}")
+
+
+def check_served_teacher(config: DictConfig, npd, student_tokenizer) -> None:
+    """Each server at ``npd.teacher.url`` answers, serves the named model with the student's tokenizer
+    and returns the loss's top-k (:mod:`verl_npd.rollout.teacher_probe`); last, since it asks the
+    network."""
+    served = npd.teacher
+    if not served.urls:
+        return
+    from verl_npd.rollout.remote_teacher import teacher_api_key
+    from verl_npd.rollout.teacher_probe import TeacherProbeError, probe_served_teacher
+
+    try:
+        probe_served_teacher(
+            served.urls,
+            served.api,
+            served.model,
+            teacher_api_key(served.api_key_env),
+            config.distillation.distillation_loss.topk,
+            student_tokenizer,
+            served.probe_timeout_s,
+        )
+    except (TeacherProbeError, ValueError) as e:
+        raise PreflightError(str(e)) from None
