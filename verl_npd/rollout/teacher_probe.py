@@ -121,8 +121,9 @@ class _Probe:
         body: dict[str, Any] = {"prompt": text, "add_special_tokens": False}
         status, answer = (404, None) if url is None else self.call(url, {**body, **({"model": model} if model else {})})
         if status == 404:
+            where = "its URL does not end in /v1, beside which vLLM serves /tokenize" if url is None else f"{url}: 404"
             print(
-                f"verl-npd: npd.teacher.url: the teacher at {self.url} has no /tokenize endpoint there, so its "
+                f"verl-npd: npd.teacher.url: the teacher at {self.url} has no /tokenize to ask ({where}), so its "
                 "tokenizer is not compared with the student's",
                 file=sys.stderr,
             )
