@@ -58,13 +58,14 @@ def test_npd_training_time_leaves_out_the_initial_validation_and_every_validatio
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     step = {"timing/wait_gen": 0.5, "timing/train": 1.0, "timing/sync": 0.25, "perf/train_tokens": 100.0}
+    # Teacher scoring per wave: steps 1, 2 and 4 saw waves finish (0.2, 0.4, 0.9 s), step 3 none.
     _write_jsonl(
         tmp_path / "metrics.jsonl",
         [
-            {"step": 1, "wall_s": 22.0, **step},
-            {"step": 2, "wall_s": 29.0, **step, ACC_KEY: 0.5, "timing/validation": 5.0},
+            {"step": 1, "wall_s": 22.0, **step, "timing/teacher": 0.2},
+            {"step": 2, "wall_s": 29.0, **step, ACC_KEY: 0.5, "timing/validation": 5.0, "timing/teacher": 0.4},
             {"step": 3, "wall_s": 31.0, **step},
-            {"step": 4, "wall_s": 39.0, **step, ACC_KEY: 0.7, "timing/validation": 6.0},
+            {"step": 4, "wall_s": 39.0, **step, ACC_KEY: 0.7, "timing/validation": 6.0, "timing/teacher": 0.9},
         ],
     )
     run = readers.read_npd(str(tmp_path))
@@ -76,6 +77,7 @@ def test_npd_training_time_leaves_out_the_initial_validation_and_every_validatio
     assert run.train_wall_s == 8.0 and run.validation_s == 11.0 and run.train_tokens == 400.0
     assert run.breakdown_s == {"generation_wait": 2.0, "train": 4.0, "sync": 1.0, "other": 1.0}
     assert run.trainer_tokens_per_s == 100.0 and run.packing_efficiency == 0.9 and run.kept_fraction == 0.875
+    assert run.teacher_s_per_wave == pytest.approx(0.5)
 
 
 def test_npd_reader_refuses_a_validated_step_without_its_validation_time(tmp_path):
@@ -218,9 +220,13 @@ def test_results_report_mean_and_spread_and_the_goals_by_how_much():
         ),
         "sft": _method("SFT", *(_run(seed, [0.3, 0.77], [0, 5]) for seed in (1, 2, 3))),
     }
+    # NPD's teacher scoring per wave: 0.1, 0.2 and 0.3 s (verl's runs report none).
+    for run, seconds in zip(methods["npd"]["runs"], (0.1, 0.2, 0.3), strict=True):
+        run["teacher_s_per_wave"] = seconds
     results = report.build_results({}, teacher_accuracy=0.9, methods=methods)
     assert results["target"]["accuracy"] == pytest.approx(0.81)
     npd, opd = methods["npd"], methods["opd_async"]
+    assert npd["teacher_s_per_wave"]["mean"] == pytest.approx(0.2) and opd["teacher_s_per_wave"] is None
     assert [run["time_to_target_s"] for run in npd["runs"]] == [10.0, 11.0, 12.0]
     assert npd["time_to_target_s"]["mean"] == 11.0 and npd["time_to_target_s"]["std"] == pytest.approx(1.0)
     assert opd["time_to_target_s"]["mean"] == 33.0 and npd["target_reached"] == opd["target_reached"] == 3
@@ -237,7 +243,8 @@ def test_results_report_mean_and_spread_and_the_goals_by_how_much():
 
     markdown = report.format_markdown(results)
     assert "| npd (NPD) | 3/3 | 1 | 30.0% | 83.0% [82.0%, 84.0%] sd 1.0 pt | 84.3% | 84.3% | 11 [10, 12] sd 1 (3/3 reached) |" in markdown
-    assert "| npd | 2 | ok | 83.0% | 84.0% | 84.0% | 11 | 20 | 30 | 120 | 15.0% |" in markdown
+    assert "| npd | 2 | ok | 83.0% | 84.0% | 84.0% | 11 | 20 | 30 | 120 | 15.0% | 0.200 |" in markdown
+    assert "| n/a | 0.200 |" in markdown and "| opd_async | 1 | ok | 84.0% | 84.0% | 84.0% | 30 | 60 | 30 | 160 | 0.0% | n/a |" in markdown
 
 
 def test_a_mode_that_never_reaches_the_target_bounds_the_speedup_from_below():
@@ -362,11 +369,10 @@ def test_served_teacher_is_the_toy_teacher_with_the_methods_threads_and_is_stopp
     import asyncio
 
     import torch
-    from test_remote_teacher import _forward_scores
+    from test_remote_teacher import _forward_scores, http_teacher
     from transformers import AutoModelForCausalLM
 
     from verl_npd.bench import runner
-    from verl_npd.rollout.remote_teacher import HTTPTeacher
 
     # On 12 cores an NPD job with a teacher replica runs 3 processes (trainer, the student's rollout
     # server, the teacher's server): the default share is 4 threads each, and "auto" tries that and
@@ -389,7 +395,7 @@ def test_served_teacher_is_the_toy_teacher_with_the_methods_threads_and_is_stopp
     with pytest.raises(KeyboardInterrupt):
         with bench.served_teacher(seed=1, run_dir=str(tmp_path), threads=4) as (url, start_s):
             assert url.startswith("http://127.0.0.1:") and start_s > 0
-            teacher = HTTPTeacher(url, SERVED_TEACHER_NAME, None, max_concurrency=1, timeout_s=60, max_wait_s=30)
+            teacher = http_teacher(url, model=SERVED_TEACHER_NAME, max_wait_s=30)
             served = asyncio.run(teacher.score([sequence], 4))[0]
             raise KeyboardInterrupt
     assert not answers(url)

@@ -187,4 +187,4 @@ def test_a_served_teacher_restarted_mid_run_is_waited_for(toy_world, tmp_path):
         _stop(server)
     assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     # The retries were logged by the rollout manager, whose output goes to the run's log.
-    assert f"teacher at http://127.0.0.1:{port}/v1/completions" in (out / "run.log").read_text(), tail(log)
+    assert f"teacher server http://127.0.0.1:{port}/v1/completions failed" in (out / "run.log").read_text(), tail(log)

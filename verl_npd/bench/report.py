@@ -28,7 +28,7 @@ MAX_WAIT_SHARE = 0.10
 PER_SEED_STATS = (
     "initial_accuracy", "final_accuracy", "last_accuracy", "best_accuracy", "train_wall_s", "validation_s",
     "process_wall_s", "train_tokens", "trainer_tokens_per_s", "tokens_per_wall_s", "wait_share",
-    "packing_efficiency", "kept_fraction",
+    "packing_efficiency", "kept_fraction", "teacher_s_per_wave",
 )  # fmt: skip
 BREAKDOWN_PARTS = ("generation_wait", "train", "sync", "other")
 
@@ -256,12 +256,13 @@ def format_markdown(results: dict) -> str:
         "validations; time to target is over the seeds that reach it, and with \"bound\" over every seed, "
         "a seed that never reaches it counted at its whole training time (a lower bound). Tokens are "
         "prompt + response tokens trained on. Threads: torch threads per process, the better of the "
-        "thread trials below.",
+        "thread trials below. Scoring per wave (NPD methods): the mean time of a wave's teacher scoring, "
+        "first request to last answer (timing/teacher).",
         "",
     ]
     header = ["method", "seeds ok", "threads", "acc before", "acc final", "acc last", "acc best"]
     header += ["time to target (s)", "train wall (s)", "validation (s)", "process wall (s)", "tokens"]
-    header += ["trainer tok/s", "tok/s (wall)", "gen wait share", "packing eff.", "kept"]
+    header += ["trainer tok/s", "tok/s (wall)", "gen wait share", "packing eff.", "kept", "scoring per wave (s)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in results["methods"].items():
         label = f"{name} ({m['label']})"
@@ -280,6 +281,7 @@ def format_markdown(results: dict) -> str:
             row += [_stat(m[key], "{:.0f}") for key in ("trainer_tokens_per_s", "tokens_per_wall_s")]
             row += [_stat(m["wait_share"], "pct", "range")]
             row += [_stat(m[key], "pct") for key in ("packing_efficiency", "kept_fraction")]
+            row += [_stat(m["teacher_s_per_wave"], "{:.3f}")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Goals (benchmarks, not tests)", "", "| goal | met | detail |", "|---|---|---|"]
     for g in results["goals"]:
@@ -287,7 +289,7 @@ def format_markdown(results: dict) -> str:
         lines.append(f"| {g['goal']} | {met} | {g['detail']} |")
     lines += ["", "## Per seed", ""]
     header = ["method", "seed", "status", "acc final", "acc last", "acc best", "time to target (s)"]
-    header += ["train wall (s)", "validation (s)", "process wall (s)", "gen wait share"]
+    header += ["train wall (s)", "validation (s)", "process wall (s)", "gen wait share", "scoring per wave (s)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in results["methods"].items():
         for run in m.get("runs", []):
@@ -297,6 +299,7 @@ def format_markdown(results: dict) -> str:
                 row += [_num(run["time_to_target_s"], "{:.0f}", "not reached")]
                 row += [f"{run[key]:.0f}" for key in ("train_wall_s", "validation_s", "process_wall_s")]
                 row.append(_pct(run["wait_share"]))
+                row.append(_num(run.get("teacher_s_per_wave"), "{:.3f}"))
             else:
                 row += ["n/a"] * (len(header) - 3)
             lines.append("| " + " | ".join(row) + " |")

@@ -1,231 +1,314 @@
-"""A teacher served elsewhere: prefill scoring through an OpenAI-compatible completions endpoint.
+"""A teacher served elsewhere: prefill scoring over HTTP on one or more teacher servers
+(``npd.teacher.url``), through vLLM's completions API or SGLang's generate API
+(``npd.teacher.api``; the wire formats are in :mod:`verl_npd.rollout.teacher_api`).
 
 ``HTTPTeacher.score`` has the interface of :class:`verl_npd.rollout.scoring.ServerPool`'s, so the
-rollout manager scores with it as with a teacher replica (``npd.teacher.url``). It speaks the part
-of vLLM's OpenAI-compatible completions API that scoring needs, checked against vLLM's own server
-code (``vllm/entrypoints/openai/completion/protocol.py`` of vLLM's main branch at commit
-002032ee2b18; the -inf clamp is ``clamp_prompt_logprobs`` in its serving code):
+rollout manager scores with it as with a teacher replica. What it does with a call's sequences:
 
-* request: ``POST {url}/completions`` with ``prompt`` a list of token ids (``CompletionRequest.prompt``
-  accepts ``list[int]``), ``prompt_logprobs`` = k and ``max_tokens`` = 1 (vLLM turns
-  ``max_tokens`` 0 into 1 only together with ``echo``; one generated token is the cheapest plain
-  request), ``temperature`` 1;
-* response: ``choices[0].prompt_logprobs``, one entry per prompt token, the first null (nothing
-  scores the first token), then ``{token_id: {"logprob", "rank", "decoded_token"}}`` with the k
-  most likely tokens (ranks 1..k) plus the prompt's actual token whatever its rank (so k or k+1
-  entries; JSON turns the ids into strings); log-probs of -inf arrive as -9999.0.
+* **batches**: consecutive sequences go together into requests of at most
+  ``npd.teacher.max_tokens_per_request`` tokens (a longer sequence goes alone), so a wave costs a
+  few requests instead of one per sequence, and the server prefills each request's sequences
+  together;
+* **balance**: each request goes to the server with the fewest tokens outstanding (sent, not yet
+  answered), at most ``npd.teacher.max_concurrency`` requests in flight per server;
+* **failover**: a request that times out, finds no server or gets a 5xx/408/429 answer marks that
+  server down and goes to another one; a down server is probed (its health endpoint, with backoff)
+  and used again once it answers. Only when no server is up does a request wait, for at most
+  ``npd.teacher.max_wait_s``, before the run fails naming every URL. Other HTTP errors and
+  malformed answers fail at once naming the URL.
 
-Entry i of vLLM's list scores token i; verl's layout (:class:`PromptScores`) has entry t score token
-t+1 and a zero pad row last, so the rows shift by one. A teacher's embedding matrix may be padded
-beyond its tokenizer (Qwen2.5-7B: 152,064 rows for 151,665 tokens; its student Qwen2.5-0.5B has
-151,936), and a plain ``vllm serve`` scores those rows too; verl's own vLLM server masks every id at or
-beyond the tokenizer's size (``monkey_patch_compute_logits``, verl/workers/rollout/vllm_rollout/
-utils.py:106-131, called with ``len(tokenizer)`` at vllm_async_server.py:500-506). Such an id among the
-top k is kept as a zero-probability entry (id 0, log-prob -inf) instead: the student's logits may have
-no row for it. Failures: a request that times out, cannot
-connect or gets a 5xx/408/429 answer is retried with exponential backoff for up to ``max_wait_s``
-(a teacher server restarting is waited for); any other HTTP error and any malformed answer fail at
-once with a message naming the URL. ``score`` returns every sequence's scores or raises: a wave is
+Each request's answer is used once, for exactly its sequences: a request that failed on one server
+is sent whole to another, and ``score`` returns every sequence's scores or raises, so a wave is
 never trained on half-scored.
+
+A teacher's embedding matrix may be padded beyond its tokenizer (Qwen2.5-7B: 152,064 rows for
+151,665 tokens; its student Qwen2.5-0.5B has 151,936), and a plain ``vllm serve`` scores those rows
+too; verl's own vLLM server masks every id at or beyond the tokenizer's size
+(``monkey_patch_compute_logits``, verl/workers/rollout/vllm_rollout/utils.py:106-131, called with
+``len(tokenizer)`` at vllm_async_server.py:500-506). Such an id among the top k is kept as a
+zero-probability entry (id 0, log-prob -inf) instead: the student's logits may have no row for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
+import msgspec
 
 from verl_npd.rollout.scoring import PromptScores
+from verl_npd.rollout.teacher_api import MAX_PROMPTS_PER_REQUEST, TEACHER_APIS, TeacherRequestError
 
 logger = logging.getLogger("verl_npd")
 
-# Answers worth asking again: the server is overloaded, restarting or timed out.
+# Answers worth asking again (elsewhere): the server is overloaded, restarting or timed out.
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Health probes of a down server: the first after this long, then twice as long each time.
 _FIRST_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 30.0
-
-
-class TeacherRequestError(RuntimeError):
-    """The served teacher answered something NPD cannot use, or stayed unreachable too long."""
-
 
 class _Retryable(Exception):
     """A failure that may pass: the server is unreachable, restarting or overloaded."""
 
 
-def completion_request(model: str | None, sequence: Sequence[int], num_logprobs: int) -> dict[str, Any]:
-    """The body of one scoring request (module docstring)."""
-    body: dict[str, Any] = {
-        "prompt": [int(t) for t in sequence],
-        "max_tokens": 1,
-        "temperature": 1.0,
-        "prompt_logprobs": num_logprobs,
-    }
-    if model is not None:
-        body["model"] = model
-    return body
+def token_batches(lengths: Sequence[int], max_tokens: int) -> list[range]:
+    """Consecutive runs of sequences of at most ``max_tokens`` tokens in all (a longer sequence
+    alone) and at most vLLM's default count of prompts per request."""
+    batches: list[range] = []
+    start, tokens = 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and (tokens + length > max_tokens or i - start >= MAX_PROMPTS_PER_REQUEST):
+            batches.append(range(start, i))
+            start, tokens = i, 0
+        tokens += length
+    if lengths:
+        batches.append(range(start, len(lengths)))
+    return batches
 
 
-def parse_prompt_logprobs(
-    response: Any, sequence: Sequence[int], num_logprobs: int, url: str, num_valid_tokens: int | None = None
-) -> PromptScores:
-    """One completion response to :class:`PromptScores` (verl's layout); a clear error naming
-    ``url`` when it is not what vLLM's server returns for ``completion_request``. Top-k ids at or
-    beyond ``num_valid_tokens`` (the tokenizer's size) become zero-probability entries."""
+def mask_ids_beyond(scores: PromptScores, num_valid_tokens: int) -> PromptScores:
+    """``scores`` with every top-k id at or beyond ``num_valid_tokens`` turned into a
+    zero-probability entry (id 0, log-prob -inf); the actual tokens' log-probs are untouched."""
+    beyond = scores.topk_ids >= num_valid_tokens
+    return replace(
+        scores,
+        topk_ids=scores.topk_ids.masked_fill(beyond, 0),
+        topk_log_probs=scores.topk_log_probs.masked_fill(beyond, float("-inf")),
+    )
 
-    def malformed(why: str) -> TeacherRequestError:
-        return TeacherRequestError(f"malformed prompt_logprobs answer from {url}: {why}")
 
-    try:
-        entries = response["choices"][0]["prompt_logprobs"]
-    except (KeyError, IndexError, TypeError):
-        raise malformed("no choices[0].prompt_logprobs (does the server support vLLM's prompt_logprobs?)") from None
-    n = len(sequence)
-    if not isinstance(entries, list) or len(entries) != n:
-        got = len(entries) if isinstance(entries, list) else type(entries).__name__
-        raise malformed(f"{got} prompt_logprobs entries for a prompt of {n} tokens")
-    width = max(num_logprobs, 1)
-    topk_ids = torch.zeros(n, width, dtype=torch.int32)
-    topk_log_probs = torch.zeros(n, width, dtype=torch.float32)
-    token_log_probs: list[float] = []
-    for i in range(1, n):
-        entry = entries[i]
-        if not isinstance(entry, dict):
-            raise malformed(f"entry {i} is {type(entry).__name__}, not a dict of token id to log-prob")
-        try:
-            scored = [(int(t), float(v["logprob"]), int(v["rank"])) for t, v in entry.items()]
-        except (KeyError, TypeError, ValueError) as e:
-            raise malformed(f"entry {i}: {e!r}") from None
-        actual = int(sequence[i])
-        by_id = {t: lp for t, lp, _ in scored}
-        if actual not in by_id:
-            raise malformed(f"entry {i} lacks the prompt's token {actual}")
-        token_log_probs.append(by_id[actual])
-        if num_logprobs == 0:
-            # As verl's layout has it for k=0: the actual token stands in the top-k slot.
-            chosen = [(actual, by_id[actual])]
-        else:
-            # The k ranked first; the actual token is an extra entry unless it is one of them.
-            ranked = sorted(scored, key=lambda s: (s[2], -s[1]))[:num_logprobs]
-            if len(ranked) < num_logprobs or ranked[-1][2] > num_logprobs:
-                raise malformed(f"entry {i} has fewer than the {num_logprobs} top log-probs asked for")
-            chosen = [(t, lp) for t, lp, _ in ranked]
-            if num_valid_tokens is not None:
-                chosen = [(t, lp) if t < num_valid_tokens else (0, float("-inf")) for t, lp in chosen]
-        topk_ids[i - 1] = torch.tensor([t for t, _ in chosen], dtype=torch.int32)
-        topk_log_probs[i - 1] = torch.tensor([lp for _, lp in chosen], dtype=torch.float32)
-    return PromptScores(topk_ids=topk_ids, topk_log_probs=topk_log_probs, token_log_probs=token_log_probs)
+@dataclass
+class TeacherServer:
+    """One URL of ``npd.teacher.url`` as the dispatcher sees it."""
+
+    url: str
+    endpoint: str
+    up: bool = True
+    in_flight: int = 0
+    outstanding_tokens: int = 0
+    # Requests this server answered, the sequences they scored, and the attempts that failed on it.
+    requests: int = 0
+    scored: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+class _Deadline:
+    """How long one request may still wait for a server, counted from its first failure or from
+    when it first found no server up."""
+
+    def __init__(self, max_wait_s: float):
+        self.max_wait_s = max_wait_s
+        self.since: float | None = None
+
+    def start(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def left(self) -> float:
+        return self.max_wait_s if self.since is None else self.since + self.max_wait_s - time.monotonic()
 
 
 class HTTPTeacher:
-    """Prefill scoring on a served teacher; ``score`` as :meth:`ServerPool.score`.
+    """Prefill scoring on served teachers; ``score`` as :meth:`ServerPool.score` (module docstring).
 
     Args:
-        url: the API base, e.g. ``http://host:8000/v1`` (``/completions`` is appended).
-        model: the served model's name (the request's ``model``); None lets the server pick its only one.
+        urls: the servers (vLLM: the API base, e.g. ``http://host:8000/v1``; SGLang: the server,
+            e.g. ``http://host:30000``), all serving the same teacher.
+        api: ``"vllm"`` or ``"sglang"``.
+        model: the served model's name (vLLM's request ``model``); None lets vLLM pick its only one.
         api_key: sent as ``Authorization: Bearer``; None sends none.
-        max_concurrency: requests in flight at once, over every ``score`` call.
-        timeout_s: per request, before it counts as a failed attempt.
-        max_wait_s: how long a request keeps being retried while the server is unreachable,
-            restarting or overloaded, before the run fails.
+        max_concurrency: requests in flight at once per server.
+        max_tokens_per_request: tokens (prompt ids) per request.
+        timeout_s: per request, before it counts as failed on that server.
+        max_wait_s: how long a request waits while no server is up before the run fails.
+        probe_timeout_s: per health probe of a down server.
         num_valid_tokens: the tokenizer's size: larger top-k ids are masked (module docstring);
             None keeps every id.
     """
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
+        api: str,
         model: str | None,
         api_key: str | None,
         max_concurrency: int,
+        max_tokens_per_request: int,
         timeout_s: float,
         max_wait_s: float,
+        probe_timeout_s: float,
         num_valid_tokens: int | None = None,
     ):
-        self.url = url.rstrip("/")
-        self.endpoint = f"{self.url}/completions"
+        self.api = TEACHER_APIS[api]
+        self.servers = [
+            TeacherServer(url=u.rstrip("/"), endpoint=u.rstrip("/") + self.api.scoring_path) for u in urls
+        ]
+        if not self.servers:
+            raise ValueError("no teacher URL to score on")
         self.model = model
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.max_concurrency = max_concurrency
+        self.max_tokens_per_request = max_tokens_per_request
         self.timeout_s = timeout_s
         self.max_wait_s = max_wait_s
+        self.probe_timeout_s = probe_timeout_s
         self.num_valid_tokens = num_valid_tokens
-        self.retries = 0  # attempts that failed and were made again
-        # The limit on requests in flight, shared by concurrent ``score`` calls; an asyncio
-        # semaphore belongs to one event loop (the rollout manager runs its own, each test its own).
+        self.retries = 0  # requests that failed on a server and were sent again
+        # The dispatcher's state belongs to one event loop (the rollout manager runs its own, each
+        # test its own): an asyncio Condition and the probe tasks cannot cross loops.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._changed: asyncio.Condition | None = None
+        self._probes: set[asyncio.Task] = set()
 
     async def score(self, sequences: Sequence[Sequence[int]], num_logprobs: int) -> list[PromptScores]:
-        """Prefill every sequence on the served teacher; its scores, in order. Raises
+        """Prefill every sequence on the teacher servers; its scores, in order. Raises
         :class:`TeacherRequestError` if any sequence cannot be scored."""
         import aiohttp
 
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self._loop, self._slots = loop, asyncio.Semaphore(self.max_concurrency)
-        # A session per call (a wave's worth of requests on kept-alive connections): it never
-        # outlives the event loop it was made in.
+        self._bind_loop()
+        batches = token_batches([len(s) for s in sequences], self.max_tokens_per_request)
+        # A session per call (its requests on kept-alive connections): it never outlives the event
+        # loop it was made in. No connection limit: the dispatcher bounds requests per server.
         async with aiohttp.ClientSession(
             headers=self.headers,
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+            connector=aiohttp.TCPConnector(limit=0),
         ) as session:
-            return list(await asyncio.gather(*[self._score_one(session, s, num_logprobs) for s in sequences]))
+            answers = await asyncio.gather(
+                *[self._score_batch(session, [sequences[i] for i in batch], num_logprobs) for batch in batches]
+            )
+        return [scores for answer in answers for scores in answer]
 
-    async def _score_one(self, session, sequence: Sequence[int], num_logprobs: int) -> PromptScores:
-        body = completion_request(self.model, sequence, num_logprobs)
-        deadline = time.monotonic() + self.max_wait_s
-        backoff = _FIRST_BACKOFF_S
-        attempt = 0
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        self._loop, self._changed, self._probes = loop, asyncio.Condition(), set()
+        for server in self.servers:
+            server.up, server.in_flight, server.outstanding_tokens = True, 0, 0
+
+    async def _score_batch(self, session, sequences: list[Sequence[int]], num_logprobs: int) -> list[PromptScores]:
+        tokens = sum(len(s) for s in sequences)
+        body = msgspec.json.encode(self.api.request(self.model, sequences, num_logprobs))
+        deadline = _Deadline(self.max_wait_s)
         while True:
-            attempt += 1
+            server = await self._acquire(tokens, deadline)
             try:
-                async with self._slots:
-                    answer = await self._post(session, body)
-                return parse_prompt_logprobs(answer, sequence, num_logprobs, self.endpoint, self.num_valid_tokens)
+                answer = await self._post(session, server, body)
             except _Retryable as e:
-                left = deadline - time.monotonic()
+                await self._failed(server, e, len(sequences), deadline)
+                continue
+            finally:
+                await self._release(server, tokens)
+            scores = self.api.parse(answer, sequences, num_logprobs, server.endpoint)
+            if self.num_valid_tokens is not None:
+                scores = [mask_ids_beyond(s, self.num_valid_tokens) for s in scores]
+            server.requests += 1
+            server.scored += len(sequences)
+            return scores
+
+    async def _acquire(self, tokens: int, deadline: _Deadline) -> TeacherServer:
+        """The up server with the fewest outstanding tokens that has a free slot; waits for one."""
+        async with self._changed:
+            while True:
+                free = [s for s in self.servers if s.up and s.in_flight < self.max_concurrency]
+                if free:
+                    server = min(free, key=lambda s: (s.outstanding_tokens, s.in_flight))
+                    server.in_flight += 1
+                    server.outstanding_tokens += tokens
+                    return server
+                if any(s.up for s in self.servers):
+                    await self._changed.wait()  # every up server is busy
+                    continue
+                deadline.start()
+                left = deadline.left()
                 if left <= 0:
                     raise TeacherRequestError(
-                        f"the teacher at {self.endpoint} failed for {self.max_wait_s:.0f}s "
-                        f"(npd.teacher.max_wait_s), {attempt} attempts: {e}"
-                    ) from None
-                self.retries += 1
-                logger.warning(
-                    "verl-npd: teacher at %s: %s (attempt %d; retrying in %.1fs, giving up in %.0fs)",
-                    self.endpoint, e, attempt, min(backoff, left), left,
-                )
-                await asyncio.sleep(min(backoff, left))
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                        f"no teacher server answered for {self.max_wait_s:.0f}s (npd.teacher.max_wait_s): "
+                        + "; ".join(f"{s.endpoint}: {s.last_error}" for s in self.servers)
+                    )
+                try:
+                    await asyncio.wait_for(self._changed.wait(), left)
+                except (asyncio.TimeoutError, TimeoutError):
+                    pass
 
-    async def _post(self, session, body: dict[str, Any]) -> Any:
+    async def _release(self, server: TeacherServer, tokens: int) -> None:
+        async with self._changed:
+            server.in_flight -= 1
+            server.outstanding_tokens -= tokens
+            self._changed.notify_all()
+
+    async def _failed(self, server: TeacherServer, error: _Retryable, n: int, deadline: _Deadline) -> None:
+        """Mark ``server`` down (a probe brings it back) and count the request's retry."""
+        deadline.start()
+        self.retries += 1
+        server.failures += 1
+        server.last_error = str(error)
+        others = [s.url for s in self.servers if s.up and s is not server]
+        logger.warning(
+            "verl-npd: teacher server %s failed: %s; %d sequence(s) sent %s",
+            server.endpoint, error, n,
+            f"to {others[0]}" if len(others) == 1 else "to another server" if others else
+            f"again once a server answers (giving up in {max(deadline.left(), 0):.0f}s)",
+        )  # fmt: skip
+        async with self._changed:
+            if server.up:
+                server.up = False
+                probe = asyncio.create_task(self._probe(server))
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
+            self._changed.notify_all()
+
+    async def _probe(self, server: TeacherServer) -> None:
+        """Ask a down server's health endpoint, with backoff, until it answers; then it is up."""
+        import aiohttp
+
+        backoff = _FIRST_BACKOFF_S
+        async with aiohttp.ClientSession(
+            headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.probe_timeout_s)
+        ) as session:
+            while True:
+                await asyncio.sleep(backoff)
+                try:
+                    async with session.get(server.url + self.api.health_path) as response:
+                        if response.status == 200:
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError):
+                    pass
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        async with self._changed:
+            server.up = True
+            self._changed.notify_all()
+        logger.warning("verl-npd: teacher server %s answers again; scoring there resumes", server.url)
+
+    async def _post(self, session, server: TeacherServer, body: bytes) -> Any:
         import aiohttp
 
         try:
-            async with session.post(self.endpoint, data=json.dumps(body)) as response:
-                text = await response.text()
+            async with session.post(server.endpoint, data=body) as response:
+                raw = await response.read()
                 status = response.status
         except (asyncio.TimeoutError, TimeoutError):
             raise _Retryable(f"no answer within {self.timeout_s:.0f}s (npd.generation.request_timeout_s)") from None
         except aiohttp.ClientError as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from None
+        text = raw[:500].decode(errors="replace")
         if status in _RETRYABLE_STATUS:
             raise _Retryable(f"HTTP {status}: {text[:200]}")
         if status != 200:
-            raise TeacherRequestError(f"the teacher at {self.endpoint} answered HTTP {status}: {text[:500]}")
+            raise TeacherRequestError(f"the teacher at {server.endpoint} answered HTTP {status}: {text}")
         try:
-            return json.loads(text)
-        except ValueError:
-            raise TeacherRequestError(f"malformed answer from {self.endpoint}: not JSON: {text[:200]!r}") from None
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise TeacherRequestError(f"malformed answer from {server.endpoint}: not JSON: {text[:200]!r}") from None
 
 
 def teacher_api_key(api_key_env: str | None) -> str | None:
@@ -236,4 +319,3 @@ def teacher_api_key(api_key_env: str | None) -> str | None:
     if not key:
         raise ValueError(f"npd.teacher.api_key_env={api_key_env!r} but that environment variable is not set")
     return key
-

@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
 from verl_npd.losses.distill import NPDLossConfig
 from verl_npd.rollout.buffer import check_staleness_bound
+from verl_npd.rollout.teacher_api import TEACHER_APIS
 
 
 # Settings that have one home, in verl's config, which NPD reads (a run naming the old key is told).
@@ -116,31 +117,56 @@ class GenerationConfig:
 
 @dataclass
 class TeacherConfig:
-    """``npd.teacher``: a teacher served elsewhere (vLLM's OpenAI-compatible API) instead of verl's
-    teacher replicas. ``distillation.teacher_models`` still names the one teacher: its loss settings,
-    and its ``model_path`` for the tokenizer that preflight compares with the student's."""
+    """``npd.teacher``: a teacher served elsewhere (vLLM's completions API or SGLang's generate API)
+    instead of verl's teacher replicas. ``distillation.teacher_models`` still names the one teacher:
+    its loss settings, and its ``model_path`` for the tokenizer that preflight compares with the
+    student's."""
 
-    url: str | None = field(
+    url: str | list[str] | None = field(
         default=None,
         metadata={
-            "help": "API base of the served teacher, e.g. http://host:8000/v1; null: teacher replicas in this "
-            "job. With a URL no GPU (or logical GPU) is reserved for the teacher."
+            "help": "The served teacher: one URL or a list of URLs of servers of the same teacher, among which "
+            "scoring is balanced (a server that fails is skipped until it answers again). vLLM: the API base, "
+            "e.g. http://host:8000/v1; SGLang: the server, e.g. http://host:30000. null: teacher replicas in "
+            "this job. With a URL no GPU (or logical GPU) is reserved for the teacher."
         },
     )
+    api: str = field(
+        default="vllm",
+        metadata={"help": "The servers' API: 'vllm' (POST {url}/completions) or 'sglang' (POST {url}/generate)."},
+    )
     model: str | None = field(
-        default=None, metadata={"help": "The served model's name (vLLM's --served-model-name); null: the server's only one."}
+        default=None,
+        metadata={
+            "help": "The served model's name (vLLM's --served-model-name); null: the server's only one (preflight "
+            "names the served models when there are several)."
+        },
     )
     api_key_env: str | None = field(
         default=None, metadata={"help": "Name of an environment variable holding the API key; null: no key."}
     )
     max_concurrency: int = field(
-        default=64, metadata={"help": "Scoring requests in flight to the served teacher at once."}
+        default=8, metadata={"help": "Scoring requests in flight to each teacher server at once."}
+    )
+    max_tokens_per_request: int = field(
+        default=4096,
+        metadata={
+            "help": "Tokens per scoring request: a wave's sequences go in requests of up to this many prompt "
+            "tokens (a longer sequence alone), which the server prefills together."
+        },
     )
     max_wait_s: float = field(
         default=600.0,
         metadata={
-            "help": "How long a scoring request is retried (with backoff) while the served teacher is unreachable, "
-            "restarting or overloaded, before the run fails."
+            "help": "How long a scoring request waits (probing with backoff) while no teacher server is up "
+            "(unreachable, restarting or overloaded), before the run fails."
+        },
+    )
+    probe_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "Seconds each probe of a teacher server waits for an answer: the preflight's (reachable, "
+            "model, tokenizer, log-prob cap) and the health checks of a server that failed."
         },
     )
     gpu_memory_share: float = field(
@@ -153,14 +179,35 @@ class TeacherConfig:
     )
 
     def __post_init__(self):
-        if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"npd.teacher.url must start with http:// or https://, got {self.url!r}")
+        if self.url is not None:
+            urls = [self.url] if isinstance(self.url, str) else list(self.url)
+            if not urls:
+                raise ValueError("npd.teacher.url is an empty list; give one URL, a list of them, or null")
+            for url in urls:
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                    raise ValueError(f"npd.teacher.url must start with http:// or https://, got {url!r}")
+            normalized = [url.rstrip("/") for url in urls]
+            if len(set(normalized)) < len(normalized):
+                raise ValueError(f"npd.teacher.url lists a server twice: {urls}")
+        if self.api not in TEACHER_APIS:
+            raise ValueError(f"npd.teacher.api must be one of {sorted(TEACHER_APIS)}, got {self.api!r}")
         if self.max_concurrency < 1:
             raise ValueError(f"npd.teacher.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_tokens_per_request < 1:
+            raise ValueError(f"npd.teacher.max_tokens_per_request must be >= 1, got {self.max_tokens_per_request}")
         if self.max_wait_s <= 0:
             raise ValueError(f"npd.teacher.max_wait_s must be > 0, got {self.max_wait_s}")
         if not 0.0 <= self.gpu_memory_share < 1.0:
             raise ValueError(f"npd.teacher.gpu_memory_share must lie in [0, 1), got {self.gpu_memory_share}")
+        if self.probe_timeout_s <= 0:
+            raise ValueError(f"npd.teacher.probe_timeout_s must be > 0, got {self.probe_timeout_s}")
+
+    @property
+    def urls(self) -> list[str]:
+        """``url`` as a list of servers (empty: teacher replicas in the job)."""
+        if self.url is None:
+            return []
+        return [u.rstrip("/") for u in ([self.url] if isinstance(self.url, str) else self.url)]
 
 
 @dataclass

@@ -205,12 +205,15 @@ class NearPolicyTrainer(RayPPOTrainer):
             (key,) = omega_conf_to_dataclass(self.config.distillation).teacher_models
             return {
                 key: HTTPTeacher(
-                    served.url,
+                    served.urls,
+                    api=served.api,
                     model=served.model,
                     api_key=teacher_api_key(served.api_key_env),
                     max_concurrency=served.max_concurrency,
+                    max_tokens_per_request=served.max_tokens_per_request,
                     timeout_s=self.npd.generation.request_timeout_s,
                     max_wait_s=served.max_wait_s,
+                    probe_timeout_s=served.probe_timeout_s,
                     num_valid_tokens=len(self.tokenizer),
                 )
             }

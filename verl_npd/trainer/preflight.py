@@ -92,6 +92,8 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
     problems.run(check_wandb_login, config)
     if gpu_memory_bytes is not None and named:
         problems.report(memory_problems(config, gpu_memory_bytes))
+    if npd is not FAILED and tokenizer is not FAILED:
+        problems.run(check_served_teacher, config, npd, tokenizer)
     return problems.found
 
 
@@ -604,3 +606,27 @@ def cuda_gpus_here() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def check_served_teacher(config: DictConfig, npd, student_tokenizer) -> None:
+    """Each server at ``npd.teacher.url`` answers, serves the named model with the student's tokenizer
+    and returns the loss's top-k (:mod:`verl_npd.rollout.teacher_probe`); last, since it asks the
+    network."""
+    served = npd.teacher
+    if not served.urls:
+        return
+    from verl_npd.rollout.remote_teacher import teacher_api_key
+    from verl_npd.rollout.teacher_probe import TeacherProbeError, probe_served_teacher
+
+    try:
+        probe_served_teacher(
+            served.urls,
+            served.api,
+            served.model,
+            teacher_api_key(served.api_key_env),
+            config.distillation.distillation_loss.topk,
+            student_tokenizer,
+            served.probe_timeout_s,
+        )
+    except (TeacherProbeError, ValueError) as e:
+        raise PreflightError(str(e)) from None
