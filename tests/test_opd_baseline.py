@@ -29,6 +29,9 @@ def test_verl_main_ppo_distils_on_cpu(toy_world, tmp_path):
             f"trainer.default_local_dir={tmp_path / 'ckpt'}",
             "trainer.n_gpus_per_node=2",
             "ray_kwargs.ray_init.num_gpus=3",
+            # verl's own recomputation of the old log-probs (the baseline bypasses it): it reports how
+            # far the rollout's log-probs are from the trainer's, which shows the weight sync exact.
+            "algorithm.rollout_correction.bypass_mode=false",
         ],
         timeout=900,
     )
