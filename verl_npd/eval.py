@@ -156,7 +156,7 @@ def generate_npd_cpu(args, tokenizer, prompts: list[list[int]]) -> list[list[int
     from transformers import AutoModelForCausalLM
     from verl.utils.model import get_generation_config
 
-    from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence, eos_token_ids
+    from verl_npd.engines.cpu_engine import BatchedEngine, SamplingSpec, Sequence, eos_token_ids
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
