@@ -6,7 +6,7 @@ same tiny-to-small Qwen2 student, the same synthetic teacher top-k and the defau
 
 - packed: best-fit-decreasing bins of at most ``--budget`` tokens, each run as one row with
   restarting positions and no attention mask, the layout verl's remove-padding forward gives the
-  model (transformers then attends within each sample only; verl_npd/losses/packing.py says how);
+  model (transformers then attends within each sample only; verl_npd/trainer/packing.py says how);
 - padded: fixed-size micro-batches in arrival order, right-padded to the longest sample of each
   micro-batch (verl without dynamic batch size). The default micro-batch size,
   ``round(budget / mean sample length)``, gives the padded micro-batches the packed ones' *average* real
@@ -41,7 +41,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss, reduce_token_loss
-from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
+from verl_npd.trainer.packing import best_fit_decreasing, packing_efficiency
 
 
 def parse_args() -> argparse.Namespace:

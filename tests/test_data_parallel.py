@@ -98,7 +98,7 @@ def _micro_batches_on_rank(rank: int, init_file: str, results) -> None:
     import torch.distributed as dist
     from tensordict import TensorDict
 
-    from verl_npd.losses.packing_dispatch import MICRO_BATCH_KEY, micro_batches_from_assignment
+    from verl_npd.trainer.packed_micro_batches import MICRO_BATCH_KEY, micro_batches_from_assignment
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

@@ -22,7 +22,7 @@ MAY_IMPORT = {
     "toy": set(),
 }
 # Plain torch (or plain Python): what docs/architecture.md calls math.
-MATH_MODULES = ("filters/ifd.py", "filters/delta_ifd.py", "losses/distill.py", "losses/packing.py")
+MATH_MODULES = ("filters/ifd.py", "filters/delta_ifd.py", "losses/distill.py", "trainer/packing.py")
 
 
 def imported_modules(path: str) -> set[str]:

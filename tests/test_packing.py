@@ -1,4 +1,4 @@
-"""Tests of verl_npd.losses.packing (bin packing per data-parallel rank) and of the packed training
+"""Tests of verl_npd.trainer.packing (bin packing per data-parallel rank) and of the packed training
 step as verl runs it, against each sample alone through a real (tiny, random) transformers Qwen2."""
 
 import itertools
@@ -11,7 +11,7 @@ from test_data_parallel import TOPK, RecordingActor, synthetic_samples
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
-from verl_npd.losses.packing import best_fit_decreasing, pack_for_ranks, packing_efficiency, rank_major_order
+from verl_npd.trainer.packing import best_fit_decreasing, pack_for_ranks, packing_efficiency, rank_major_order
 from verl_npd.trainer.near_policy_trainer import train_packed
 
 VOCAB = 50

@@ -31,7 +31,7 @@ REGISTRATION_MODULES = (
     "verl_npd.engines.gloo_checkpoint_engine_registration",
     "verl_npd.engines.vllm_cpu_registration",
     "verl_npd.rollout.remote_teacher_agent_loop",
-    "verl_npd.losses.packing_dispatch",
+    "verl_npd.trainer.packed_micro_batches",
     "verl_npd.losses.verl_registration",
 )
 
