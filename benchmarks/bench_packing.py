@@ -43,6 +43,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss, reduce_token_loss
 from verl_npd.trainer.packing import best_fit_decreasing, packing_efficiency
 
+# NPD's default loss (distillation.distillation_loss.loss_mode=npd_forward_kl_topk).
+LOSS_MODE = "forward_kl_topk"
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -176,7 +179,7 @@ def run_packed(model, packed_batches, config, global_tokens, device) -> tuple[fl
         ).logits.squeeze(0)
         tensors = packed.tensors
         loss = per_token_distillation_loss(
-            logits, tensors["teacher_topk_ids"], tensors["teacher_topk_log_probs"], config, packed.target_ids
+            logits, tensors["teacher_topk_ids"], tensors["teacher_topk_log_probs"], LOSS_MODE, config, packed.target_ids
         ).loss
         loss = reduce_token_loss(loss, tensors["loss_mask"], global_tokens)
         loss.backward()
@@ -194,7 +197,7 @@ def run_padded(model, batches, config, global_tokens, device) -> tuple[float, fl
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
         ).logits
         loss = per_token_distillation_loss(
-            logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], config, batch["target_ids"]
+            logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], LOSS_MODE, config, batch["target_ids"]
         ).loss
         loss = reduce_token_loss(loss, batch["loss_mask"], global_tokens)
         loss.backward()

@@ -28,6 +28,11 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
             "the longest sample, data.max_prompt_length + data.max_response_length = 88",
         ),
         (["npd.loss.beta=1.5"], "npd.loss.beta must lie in [0, 1], got 1.5"),
+        (["+npd.loss.chunk_size=7"], "npd.loss.chunk_size is verl's distillation.distillation_loss.chunked_topk_chunk_size"),
+        (
+            ["+distillation.distillation_loss.chunked_topk_chunk_size=0"],  # verl's field, not in its yaml
+            "distillation.distillation_loss.chunked_topk_chunk_size=0: npd_forward_kl_topk gathers",
+        ),
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
         (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
@@ -267,7 +272,7 @@ def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():
     config = compose(*TOY_CONFIG, ["npd.loss.tail_mode=bucket", "npd.loss.beta=0.9"])
     set_job_environment(config)
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
-    assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9, "chunk_size": 4096}
+    assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9}
     assert "ignore::UserWarning:verl.workers.engine" in env_vars.PYTHONWARNINGS.split(",")
 
 

@@ -20,6 +20,7 @@ from verl_npd.rollout.teacher_api import TEACHER_APIS
 MOVED_TO_VERL = {
     "npd.total_steps": "trainer.total_training_steps",
     "npd.packing.token_budget": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+    "npd.loss.chunk_size": "distillation.distillation_loss.chunked_topk_chunk_size",
 }
 
 
@@ -222,30 +223,6 @@ class PackingConfig:
     )
 
 
-def _loss_field(name: str):
-    """A field of ``npd.loss`` with the default and help of the loss's own config (losses/distill.py)."""
-    loss_field = NPDLossConfig.__dataclass_fields__[name]
-    return field(default=loss_field.default, metadata=loss_field.metadata)
-
-
-@dataclass
-class LossConfig:
-    """``npd.loss``: the distillation loss's settings besides the two that are verl's own fields,
-    ``distillation.distillation_loss.loss_mode`` (the divergence: npd_forward_kl_topk, npd_reverse_kl_topk,
-    npd_jsd, npd_ce) and ``.topk``. verl's loss config rejects other fields, so ``main_npd`` hands
-    these to the training workers in the environment variable ``VERL_NPD_LOSS`` (see README)."""
-
-    tail_mode: str = _loss_field("tail_mode")
-    beta: float = _loss_field("beta")
-    chunk_size: int = _loss_field("chunk_size")
-
-    def __post_init__(self):
-        try:
-            NPDLossConfig(tail_mode=self.tail_mode, beta=self.beta, chunk_size=self.chunk_size)
-        except ValueError as e:
-            raise ValueError(f"npd.loss.{e}") from None
-
-
 @dataclass
 class NPDConfig:
     """``npd``: Near-Policy Distillation settings (see docs/algorithm.md)."""
@@ -279,7 +256,7 @@ class NPDConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     filter: DeltaIFDFilterConfig = field(default_factory=DeltaIFDFilterConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: NPDLossConfig = field(default_factory=NPDLossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):

@@ -63,6 +63,7 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
     if npd is not FAILED:
         problems.run(check_token_budget, config, npd.packing.truncate)
     problems.run(check_distillation_enabled, config)
+    problems.run(check_loss_chunk_size, config)
     problems.run(check_served_teacher_count, config)
     student_path, teacher_paths = FAILED, {}
     if named:
@@ -109,6 +110,21 @@ def npd_settings(config: DictConfig):
 def check_distillation_enabled(config: DictConfig) -> None:
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
+
+
+def check_loss_chunk_size(config: DictConfig) -> None:
+    """The ``npd_*`` losses gather the student's log-probs in chunks of verl's
+    ``chunked_topk_chunk_size`` tokens, which verl does not range-check (its own losses read it only
+    with ``use_chunked_topk``): a bad value would stop the first training step."""
+    from verl_npd.losses.verl_registration import LOSS_NAMES
+
+    loss = config.distillation.distillation_loss
+    chunk = loss.get("chunked_topk_chunk_size", 1)
+    if loss.loss_mode in LOSS_NAMES and chunk < 1:
+        raise PreflightError(
+            f"distillation.distillation_loss.chunked_topk_chunk_size={chunk}: {loss.loss_mode} gathers the "
+            "student's log-probs in chunks of this many tokens; set it to 1 or more (verl's default is 4096)"
+        )
 
 
 def check_served_teacher_count(config: DictConfig) -> None:
