@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
 from verl_npd.losses.distill import NPDLossConfig
-from verl_npd.rollout.buffer import check_staleness_bound
+from verl_npd.rollout.buffer import STALE_POLICIES
 from verl_npd.rollout.teacher_api import TEACHER_APIS
 
 
@@ -67,10 +67,14 @@ class BufferConfig:
     )
 
     def __post_init__(self):
+        # That it holds a batch, data.train_batch_size * actor_rollout_ref.rollout.n samples, is the
+        # preflight's check (check_buffer_holds_a_batch): those keys are verl's.
         if self.capacity < 1:
             raise ValueError(f"npd.buffer.capacity must be >= 1, got {self.capacity}")
-        if self.stale_policy not in ("wait", "drop"):
-            raise ValueError(f"npd.buffer.stale_policy must be 'wait' or 'drop', got {self.stale_policy!r}")
+        if self.max_staleness < 0:
+            raise ValueError(f"npd.buffer.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ValueError(f"npd.buffer.stale_policy must be one of {STALE_POLICIES}, got {self.stale_policy!r}")
 
 
 @dataclass
@@ -264,7 +268,17 @@ class NPDConfig:
             raise ValueError(f"npd.shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
         if self.teacher_accuracy is not None and not 0.0 <= self.teacher_accuracy <= 1.0:
             raise ValueError(f"npd.teacher_accuracy must lie in [0, 1] (or be null), got {self.teacher_accuracy}")
-        check_staleness_bound(self.sync_interval, self.buffer.max_staleness)
+        if self.sync_interval < 1:
+            raise ValueError(f"npd.sync_interval must be >= 1, got {self.sync_interval}")
+        # The rollout engine holds version K * floor(c / K) when the trainer consumes with weights of
+        # version c (K = sync_interval), so the freshest sample available then is up to K - 1 versions
+        # old: a smaller bound could starve the trainer.
+        if self.sync_interval - 1 > self.buffer.max_staleness:
+            raise ValueError(
+                f"npd.sync_interval={self.sync_interval} with npd.buffer.max_staleness={self.buffer.max_staleness} "
+                f"can starve the trainer: between syncs the freshest samples are up to {self.sync_interval - 1} "
+                "versions old. Use sync_interval <= max_staleness + 1."
+            )
         if self.filter.mode == "student_lag":
             raise ValueError(
                 "npd.filter.mode=student_lag needs IFDs of the current student, which the trainer does not "
