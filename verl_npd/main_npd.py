@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 from verl_npd.losses.distill import NPDLossConfig
 from verl_npd.platform.cpu_threads import share_cores
 from verl_npd.platform.gpu_stack import use_sdpa_without_flash_attn
-from verl_npd.toy.resolvers import register as register_toy_resolvers
 from verl_npd.trainer.console import LOG_NAME, LiveProgress, output_to_log
 from verl_npd.trainer.memory import gpu_memory_here
 from verl_npd.trainer.preflight import PreflightError, preflight
@@ -41,11 +40,21 @@ from verl_npd.trainer.student_export import ask_for_hf_weights
 from verl_npd.trainer.config import NPDConfig, store_npd_defaults
 from verl_npd.trainer.summary import format_summary
 
-# Before Hydra composes: the npd: section's defaults, and the ${npd_toy:...} resolvers of the
-# default config (the toy demo). Only this process needs the resolvers: run_npd resolves the config
-# before Ray starts.
+# Before Hydra composes: the npd: section's defaults.
 store_npd_defaults()
-register_toy_resolvers()
+
+# The toy demo's configs (main_npd's default) read the toy world through ${npd_toy:...}
+# (verl_npd/toy/resolvers.py, RESOLVER_NAME). Its resolver is registered only for a config that uses
+# it, so that no other run imports the toy; only this process needs it: run_npd resolves the config
+# before Ray starts.
+TOY_RESOLVER = "npd_toy"
+
+
+def register_toy_resolver_if_used(config: DictConfig) -> None:
+    if f"${{{TOY_RESOLVER}:" in OmegaConf.to_yaml(config):  # unresolved: the interpolations as written
+        from verl_npd.toy.resolvers import register
+
+        register()
 
 
 @ray.remote(max_concurrency=3)  # other threads take request_stop() and progress() while run() trains
@@ -253,6 +262,7 @@ check_request: CheckRequest | None = None
 @hydra.main(config_path="config", config_name="npd_toy", version_base=None)
 def main(config: DictConfig) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=re.escape(ENGINE_WARNINGS_MODULE) + r"\Z")
+    register_toy_resolver_if_used(config)
     if check_request is not None:
         sys.exit(check_readiness(config, check_request.gpu_memory_gib))
     try:
