@@ -321,7 +321,7 @@ def test_verl_opd_update_is_the_same_on_one_and_two_ranks(toy_world, ray_session
     from conftest import REPO
 
     config = actor_config(
-        f"{REPO}/recipes/toy_cpu/config", "opd_baseline", toy_world.student_dir,
+        f"{REPO}/verl_npd/config/toy_opd", "opd_baseline", toy_world.student_dir,
         (
             "data.train_batch_size=12",  # ppo_mini_batch_size follows it: the batch is one optimiser step
             # A smaller token budget than the recipe's 512, so that micro-batches accumulate on each rank.

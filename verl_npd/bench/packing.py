@@ -22,9 +22,12 @@ competes for them): 128 samples of median ~33 prompt + ~100 response tokens with
 What matters for packing is the shape of the length distribution relative to the budget, which is
 kept realistic; on a GPU, scale everything up.
 
-    python benchmarks/bench_packing.py
-    python benchmarks/bench_packing.py --device cuda --out benchmarks/results/packing_cuda.json \
+    python -m verl_npd.bench.packing                  # writes outputs/bench/packing_cpu.json
+    python -m verl_npd.bench.packing --device cuda --out outputs/bench/packing_cuda.json \
         --num-samples 1024 --budget 8192 --prompt-mu 5 --response-mu 6.5 --hidden 1024 --layers 8 --vocab 32768
+
+The reference CPU result is docs/benchmarks/packing/packing_cpu.json (written by this benchmark when
+it was benchmarks/bench_packing.py, with its default settings).
 """
 
 import argparse
@@ -48,7 +51,7 @@ LOSS_MODE = "forward_kl_topk"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m verl_npd.bench.packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     parser.add_argument("--num-samples", type=int, default=128)
@@ -74,7 +77,7 @@ def parse_args() -> argparse.Namespace:
         "10x slower than 1 as soon as another process competes for a core",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/packing_cpu.json")
+    parser.add_argument("--out", default="outputs/bench/packing_cpu.json")
     return parser.parse_args()
 
 
