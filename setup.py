@@ -65,7 +65,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["verl_npd", "verl_npd.*"]),
-    package_data={"verl_npd": ["config/*.yaml", "toy/*.json"]},
+    # The Hydra configs main_npd and the benchmark start from, the toy's verl OPD configs included.
+    package_data={"verl_npd": ["config/*.yaml", "config/toy_opd/*.yaml", "toy/*.json"]},
     python_requires=">=3.10,<3.13",
     install_requires=install_requires,
     extras_require=extras_require,

@@ -31,7 +31,7 @@ def _logprob(value: float):
 def sglang_meta_info(sequence: list[int], extra_fields: dict, top_logprobs_num: int, vocab_size: int) -> dict:
     """npd_cpu's prompt scores (verl's layout: row t scores token t+1) in SGLang's layout: row i
     scores token i, the first row's log-prob null."""
-    from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS
+    from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS
 
     own = extra_fields[PROMPT_TOKEN_LOGPROBS]
     # SGLang writes 0 for ids at the end of its vocabulary (logprob_result_processor.py:52-56).
@@ -57,7 +57,7 @@ def build_app(model_dir: str, served_name: str) -> FastAPI:
     from verl.workers.config import HFModelConfig, RolloutConfig
     from verl.workers.rollout.replica import RolloutMode
 
-    from verl_npd.rollout.cpu_server import CPURolloutServer
+    from verl_npd.engines.cpu_server import CPURolloutServer
 
     server = CPURolloutServer(
         config=RolloutConfig(name="npd_cpu", load_format="auto"),

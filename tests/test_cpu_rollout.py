@@ -15,9 +15,9 @@ import torch
 from tiny_models import EOS_TOKEN, build_tiny_qwen2, build_tiny_tokenizer
 
 from verl.workers.config import CheckpointEngineConfig, RolloutConfig
-from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
-from verl_npd.rollout.cpu_server import CPURolloutReplica, CPUServerAdapter
-from verl_npd.rollout.cpu_server_registration import register
+from verl_npd.engines.cpu_engine import BatchedEngine, SamplingSpec, Sequence
+from verl_npd.engines.cpu_server import CPURolloutReplica, CPUServerAdapter
+from verl_npd.engines.cpu_server_registration import register
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [100, 101, 102, 103, 104], [200], [17, 18, 19, 20, 21, 22]]
 
@@ -129,7 +129,7 @@ def test_a_fresh_process_importing_the_server_first_registers_it():
     import sys
 
     code = (
-        "import verl_npd.rollout.cpu_server as server\n"
+        "import verl_npd.engines.cpu_server as server\n"
         "from verl.workers.rollout.base import get_rollout_class\n"
         "from verl.workers.rollout.replica import get_rollout_replica_class\n"
         "print(get_rollout_replica_class('npd_cpu') is server.CPURolloutReplica,"

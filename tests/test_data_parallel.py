@@ -98,7 +98,7 @@ def _micro_batches_on_rank(rank: int, init_file: str, results) -> None:
     import torch.distributed as dist
     from tensordict import TensorDict
 
-    from verl_npd.losses.packing_dispatch import MICRO_BATCH_KEY, micro_batches_from_assignment
+    from verl_npd.trainer.packed_micro_batches import MICRO_BATCH_KEY, micro_batches_from_assignment
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -246,10 +246,9 @@ def reference_update(student_dir: str, samples, loss_name: str, topk: int) -> Re
     from transformers import AutoModelForCausalLM
 
     from verl_npd.losses.distill import per_token_distillation_loss
-    from verl_npd.losses.verl_registration import loss_config_for
+    from verl_npd.losses.verl_registration import LOSS_NAMES, env_settings
 
     model = AutoModelForCausalLM.from_pretrained(student_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
-    loss_config = loss_config_for(loss_name, topk)
     total, drift = torch.zeros(()), 0.0
     tokens = sum(len(s.response_ids) for s in samples)
     for s in samples:
@@ -259,8 +258,8 @@ def reference_update(student_dir: str, samples, loss_name: str, topk: int) -> Re
         # Response token j (at p + j) is predicted at p + j - 1; teacher entry t scores token t + 1.
         scored = slice(p - 1, length - 1)
         per_token = per_token_distillation_loss(
-            logits[scored], s.teacher_topk_ids[scored], s.teacher_topk_log_probs[scored], loss_config,
-            target_ids=ids[p:],
+            logits[scored], s.teacher_topk_ids[scored], s.teacher_topk_log_probs[scored], LOSS_NAMES[loss_name],
+            env_settings(), target_ids=ids[p:], topk=topk,
         ).loss
         total = total + per_token.sum()
         student = torch.log_softmax(logits[scored].detach(), -1).gather(-1, ids[p:, None]).squeeze(-1)
@@ -322,7 +321,7 @@ def test_verl_opd_update_is_the_same_on_one_and_two_ranks(toy_world, ray_session
     from conftest import REPO
 
     config = actor_config(
-        f"{REPO}/recipes/toy_cpu/config", "opd_baseline", toy_world.student_dir,
+        f"{REPO}/verl_npd/config/toy_opd", "opd_baseline", toy_world.student_dir,
         (
             "data.train_batch_size=12",  # ppo_mini_batch_size follows it: the batch is one optimiser step
             # A smaller token budget than the recipe's 512, so that micro-batches accumulate on each rank.

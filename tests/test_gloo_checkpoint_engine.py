@@ -17,9 +17,9 @@ import ray
 import torch
 from tiny_models import EOS_TOKEN, build_tiny_qwen2, build_tiny_tokenizer
 
-from verl_npd.rollout.gloo_checkpoint_engine import BACKEND, GlooCheckpointEngine
+from verl_npd.engines.gloo_checkpoint_engine import BACKEND, GlooCheckpointEngine
 
-ENGINE_MODULE = "verl_npd.rollout.gloo_checkpoint_engine"
+ENGINE_MODULE = "verl_npd.engines.gloo_checkpoint_engine"
 
 
 # ---------------------------------------------------------------- engines in threads
@@ -147,7 +147,7 @@ def test_reimport_from_verl_plugin_registers_the_engine(tmp_path):
         import {ENGINE_MODULE} as module
         import npd_gloo_probe
         from verl.checkpoint_engine import CheckpointEngineRegistry
-        from verl_npd.rollout.gloo_checkpoint_engine_registration import register
+        from verl_npd.engines.gloo_checkpoint_engine_registration import register
         register()  # idempotent
         print(npd_gloo_probe.HALF_INITIALISED, CheckpointEngineRegistry.get("{BACKEND}") is module.GlooCheckpointEngine)
     """
@@ -234,7 +234,7 @@ def test_manager_syncs_fsdp2_actor_into_standalone_npd_cpu_replica(tiny):
     from verl.utils.config import omega_conf_to_dataclass
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
-    from verl_npd.rollout.cpu_server import CPURolloutReplica
+    from verl_npd.engines.cpu_server import CPURolloutReplica
 
     model_path, model_b, eos = tiny
     config = _actor_rollout_ref_config(model_path)

@@ -97,8 +97,8 @@ def reference_losses(mode, tail, beta, student, teacher_ids, teacher_lp, targets
 
 
 def run(mode, tail, beta, student, teacher_ids, teacher_lp, targets=None):
-    config = NPDLossConfig(loss_mode=mode, tail_mode=tail, beta=beta, chunk_size=4)  # several chunks
-    return per_token_distillation_loss(student, teacher_ids, teacher_lp, config, targets).loss
+    settings = NPDLossConfig(tail_mode=tail, beta=beta)
+    return per_token_distillation_loss(student, teacher_ids, teacher_lp, mode, settings, targets, chunk_size=4).loss  # several chunks
 
 
 ALL_CASES = [(mode, tail, beta) for mode, beta in DIVERGENCES for tail in ("renorm", "bucket")]
@@ -321,17 +321,30 @@ def test_bucket_mode_requires_student_tail():
         forward_kl_topk(torch.zeros(2, 3), torch.zeros(2, 3), None, "bucket")
 
 
-@pytest.mark.parametrize("kwargs", [{"loss_mode": "kl"}, {"tail_mode": "drop"}, {"beta": 1.5}, {"topk": 0}])
-def test_config_validation(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"tail_mode": "drop"}, "npd.loss.tail_mode must be one of"), ({"beta": 1.5}, r"npd.loss.beta must lie in \[0, 1\]")],
+)
+def test_config_validation_names_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         NPDLossConfig(**kwargs)
 
 
-def test_topk_config_uses_the_first_entries():
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"loss_mode": "kl"}, "loss_mode must be one of"), ({"topk": 0}, "topk must be >= 1"), ({"chunk_size": 0}, "chunk_size must be >= 1")],
+)
+def test_loss_arguments_are_checked(kwargs, message):
     student, ids, teacher_lp, _, _ = make_case(41, dtype=torch.float64)
-    config = NPDLossConfig(topk=2)
-    got = per_token_distillation_loss(student, ids, teacher_lp, config).loss
-    expected = per_token_distillation_loss(student, ids[..., :2], teacher_lp[..., :2], NPDLossConfig()).loss
+    arguments = {"loss_mode": "forward_kl_topk", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        per_token_distillation_loss(student, ids, teacher_lp, arguments.pop("loss_mode"), **arguments)
+
+
+def test_topk_uses_the_first_entries():
+    student, ids, teacher_lp, _, _ = make_case(41, dtype=torch.float64)
+    got = per_token_distillation_loss(student, ids, teacher_lp, "forward_kl_topk", topk=2).loss
+    expected = per_token_distillation_loss(student, ids[..., :2], teacher_lp[..., :2], "forward_kl_topk").loss
     torch.testing.assert_close(got, expected)
 
 
@@ -346,10 +359,10 @@ def test_micro_batches_sum_to_the_global_batch(mode, tail):
     _, ids, teacher_lp, _, targets = make_case(51, shape=(10, 7), dtype=torch.float64)
     mask = torch.rand(10, 7) < 0.6
     global_tokens = int(mask.sum())
-    config = NPDLossConfig(loss_mode=mode, tail_mode=tail)
+    settings = NPDLossConfig(tail_mode=tail)
 
     def step(rows):
-        loss = per_token_distillation_loss(head(hidden[rows]), ids[rows], teacher_lp[rows], config, targets[rows]).loss
+        loss = per_token_distillation_loss(head(hidden[rows]), ids[rows], teacher_lp[rows], mode, settings, targets[rows]).loss
         return reduce_token_loss(loss, mask[rows], global_tokens)
 
     full = step(slice(None))
@@ -437,12 +450,13 @@ def verl_losses():
     return verl_losses
 
 
-def _configs(loss_mode):
+def _configs(loss_mode, **loss_fields):
     from verl.workers.config import DistillationConfig, DistillationLossConfig, FSDPActorConfig
 
     actor = FSDPActorConfig(strategy="fsdp2", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, rollout_n=1)
     loss = DistillationLossConfig(
-        loss_mode=loss_mode, topk=TOPK, use_policy_gradient=False, use_task_rewards=False, loss_max_clamp=None
+        loss_mode=loss_mode, topk=TOPK, use_policy_gradient=False, use_task_rewards=False, loss_max_clamp=None,
+        **loss_fields,
     )
     return actor, DistillationConfig(enabled=False, distillation_loss=loss)
 
@@ -461,10 +475,10 @@ def test_registered_verl_loss_matches_reference(verl_losses, monkeypatch, loss_n
     from verl_npd.losses import verl_registration
 
     # The bridge main_npd sets from npd.loss; the workers' loss reads it.
-    monkeypatch.setenv(verl_registration.ENV_VAR, json.dumps({"tail_mode": tail, "beta": beta, "chunk_size": 5}))
+    monkeypatch.setenv(verl_registration.ENV_VAR, json.dumps({"tail_mode": tail, "beta": beta}))
     prompt_lens, response_lens = [3, 5, 2], [4, 1, 6]
     td = _verl_batch(0, prompt_lens, response_lens)
-    actor, distill = _configs(loss_name)
+    actor, distill = _configs(loss_name, chunked_topk_chunk_size=5)  # several chunks
     assert verl_losses.get_distillation_loss_settings(loss_name).use_topk
 
     total = int(td["input_ids"].offsets()[-1])
@@ -524,17 +538,15 @@ def test_verl_builtin_loss_untouched_by_dispatch(verl_losses):
 
 def test_loss_settings_bridge(verl_losses, monkeypatch):
     from verl_npd.losses import verl_registration
-    from verl_npd.trainer.config import LossConfig
 
     monkeypatch.delenv(verl_registration.ENV_VAR, raising=False)
-    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(loss_mode="jsd", topk=8)
-    settings = LossConfig(tail_mode="bucket", beta=0.9, chunk_size=7)
+    assert verl_registration.env_settings() == NPDLossConfig()
+    settings = NPDLossConfig(tail_mode="bucket", beta=0.9)
     monkeypatch.setenv(verl_registration.ENV_VAR, verl_registration.env_value(settings))
-    assert verl_registration.loss_config_for("npd_jsd", 8) == NPDLossConfig(
-        loss_mode="jsd", tail_mode="bucket", beta=0.9, chunk_size=7, topk=8
-    )
+    assert verl_registration.env_settings() == settings
     for bad, message in [
         ('{"loss_mode": "ce"}', "keys among"),  # loss_mode is verl's field, not the bridge's
+        ('{"chunk_size": 7}', "keys among"),  # so is the chunk size (chunked_topk_chunk_size)
         ('{"beta": 1.5}', "beta must lie in"),
         ("beta=0.9", "not JSON"),
     ]:

@@ -167,3 +167,24 @@ def test_a_recipes_standalone_layout_gets_exact_weights_through_the_gloo_engine(
     # Validation ran on the colocated replica, woken for it: exact-match rewards (0 or 1) over the 64 prompts.
     accuracy = history[-1]["val-core/npd_toy_arith/acc/mean@1"]
     assert accuracy * 64 == round(accuracy * 64), accuracy
+
+
+def test_the_entry_point_imports_the_toy_only_for_a_config_that_uses_it():
+    """main_npd registers the toy's ${npd_toy:...} resolver for a config that uses it (its default,
+    the toy demo), and imports nothing of the toy for any other."""
+    code = """
+import sys
+from omegaconf import OmegaConf
+import verl_npd.main_npd as main_npd
+
+def toy_loaded():
+    return sorted(m for m in sys.modules if m.startswith("verl_npd.toy"))
+
+assert not toy_loaded(), toy_loaded()
+main_npd.register_toy_resolver_if_used(OmegaConf.create({"data": {"train_files": "/data/train.parquet"}}))
+assert not toy_loaded() and not OmegaConf.has_resolver(main_npd.TOY_RESOLVER), toy_loaded()
+main_npd.register_toy_resolver_if_used(OmegaConf.create({"npd": {"teacher_accuracy": "${npd_toy:teacher_accuracy}"}}))
+from verl_npd.toy.resolvers import RESOLVER_NAME
+assert main_npd.TOY_RESOLVER == RESOLVER_NAME and OmegaConf.has_resolver(RESOLVER_NAME)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Tests of verl_npd.losses.packing (bin packing per data-parallel rank) and of the packed training
+"""Tests of verl_npd.trainer.packing (bin packing per data-parallel rank) and of the packed training
 step as verl runs it, against each sample alone through a real (tiny, random) transformers Qwen2."""
 
 import itertools
@@ -11,7 +11,7 @@ from test_data_parallel import TOPK, RecordingActor, synthetic_samples
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
-from verl_npd.losses.packing import best_fit_decreasing, pack_for_ranks, packing_efficiency, rank_major_order
+from verl_npd.trainer.packing import best_fit_decreasing, pack_for_ranks, packing_efficiency, rank_major_order
 from verl_npd.trainer.near_policy_trainer import train_packed
 
 VOCAB = 50
@@ -261,12 +261,13 @@ def verl_forward(model, micro_batch):
     return model(**model_inputs, use_cache=False).logits[0]
 
 
-def verl_configs(loss_name: str):
+def verl_configs(loss_name: str, **loss_fields):
     from verl.workers.config import DistillationConfig, DistillationLossConfig, FSDPActorConfig
 
     actor = FSDPActorConfig(strategy="fsdp2", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, rollout_n=1)
     loss = DistillationLossConfig(
-        loss_mode=loss_name, topk=TOPK, use_policy_gradient=False, use_task_rewards=False, loss_max_clamp=None
+        loss_mode=loss_name, topk=TOPK, use_policy_gradient=False, use_task_rewards=False, loss_max_clamp=None,
+        **loss_fields,
     )
     return actor, DistillationConfig(enabled=False, distillation_loss=loss)
 
@@ -288,15 +289,15 @@ def test_packed_logits_equal_each_sample_alone(tiny_qwen2):
 
 
 @pytest.mark.parametrize(
-    "loss_name, settings",
+    "loss_name, settings, chunk_size",
     [
-        ("npd_forward_kl_topk", {}),
-        ("npd_jsd", {"tail_mode": "bucket", "beta": 0.3, "chunk_size": 7}),
-        ("npd_ce", {}),
+        ("npd_forward_kl_topk", {}, 4096),
+        ("npd_jsd", {"tail_mode": "bucket", "beta": 0.3}, 7),
+        ("npd_ce", {}, 4096),
     ],
 )
 def test_packed_training_step_gives_the_loss_and_gradients_of_each_sample_alone(
-    tiny_qwen2, monkeypatch, loss_name, settings
+    tiny_qwen2, monkeypatch, loss_name, settings, chunk_size
 ):
     """One training step as verl runs it (the trainer's batch, the micro-batch dispatch, verl's model
     inputs, the registered loss through verl's ``distillation_ppo_loss``), packed, against plain torch
@@ -311,7 +312,7 @@ def test_packed_training_step_gives_the_loss_and_gradients_of_each_sample_alone(
     loss_tokens = sum(len(s.response_ids) for s in samples)
 
     model.zero_grad()
-    reference_config = NPDLossConfig(loss_mode=loss_name.removeprefix("npd_"), topk=TOPK, **settings)
+    loss_mode = loss_name.removeprefix("npd_")
     reference = torch.zeros(())
     for s in samples:
         ids = torch.tensor(s.prompt.prompt_ids + s.response_ids)
@@ -319,15 +320,15 @@ def test_packed_training_step_gives_the_loss_and_gradients_of_each_sample_alone(
         logits = model(input_ids=ids.unsqueeze(0)).logits[0]
         scored = slice(p - 1, len(ids) - 1)  # the positions predicting the response; teacher entry t scores t + 1
         reference = reference + per_token_distillation_loss(
-            logits[scored], s.teacher_topk_ids[scored], s.teacher_topk_log_probs[scored], reference_config,
-            target_ids=ids[p:],
+            logits[scored], s.teacher_topk_ids[scored], s.teacher_topk_log_probs[scored], loss_mode,
+            NPDLossConfig(**settings), target_ids=ids[p:], topk=TOPK,
         ).loss.sum()
     reference = reference / loss_tokens
     reference.backward()
     reference_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
 
     model.zero_grad()
-    actor, distillation = verl_configs(loss_name)
+    actor, distillation = verl_configs(loss_name, chunked_topk_chunk_size=chunk_size)
     packed_total = 0.0
     for micro_batch in trained_micro_batches(samples):
         logits = verl_forward(model, micro_batch).unsqueeze(0)

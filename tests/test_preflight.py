@@ -20,6 +20,11 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
         (["npd.filter.lo=0.9", "npd.filter.hi=0.1"], "npd.filter.lo (0.9) must not exceed npd.filter.hi (0.1)"),
         (["npd.sync_interval=0"], "npd.sync_interval must be >= 1, got 0"),
         (["npd.sync_interval=4", "npd.buffer.max_staleness=1"], "npd.sync_interval=4 with npd.buffer.max_staleness=1"),
+        # The buffer must hold a step's samples (a check across the npd and data sections).
+        (
+            ["npd.buffer.capacity=32"],
+            "npd.buffer.capacity=32 cannot hold a training batch: data.train_batch_size * actor_rollout_ref.rollout.n = 64",
+        ),
         # One home per setting: NPD reads verl's step count and token budget.
         (["+npd.total_steps=150"], "npd.total_steps is verl's trainer.total_training_steps"),
         (
@@ -28,6 +33,11 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
             "the longest sample, data.max_prompt_length + data.max_response_length = 88",
         ),
         (["npd.loss.beta=1.5"], "npd.loss.beta must lie in [0, 1], got 1.5"),
+        (["+npd.loss.chunk_size=7"], "npd.loss.chunk_size is verl's distillation.distillation_loss.chunked_topk_chunk_size"),
+        (
+            ["+distillation.distillation_loss.chunked_topk_chunk_size=0"],  # verl's field, not in its yaml
+            "distillation.distillation_loss.chunked_topk_chunk_size=0: npd_forward_kl_topk gathers",
+        ),
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
         (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
@@ -162,12 +172,14 @@ def test_the_base_config_alone_names_what_it_leaves_unset():
     )
     with pytest.raises(PreflightError, match=re.escape(expected)):
         preflight(config)
-    # Set on the command line instead, they pass this check (and fail on the next one: no such file).
+    # Set on the command line instead, they pass this check (and, with a batch that NPD's default
+    # buffer holds, unlike verl's default of 1024 prompts, fail on the model check: no such file).
     named = compose(
         "verl_npd/config",
         "npd_trainer",
         [
             "hydra.searchpath=[pkg://verl.trainer.config]",
+            "data.train_batch_size=64",
             "actor_rollout_ref.model.path=/nowhere/student",
             "actor_rollout_ref.rollout.name=npd_cpu",
             "data.train_files=/nowhere/train.parquet",
@@ -258,16 +270,36 @@ def test_the_students_ifd_terms_must_describe_one_distribution(rollout, accepted
             check_behaviour_log_probs(config)
 
 
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"sync_interval": 0}, "npd.sync_interval must be >= 1, got 0"),
+        ({"buffer": {"max_staleness": -1}}, "npd.buffer.max_staleness must be >= 0, got -1"),
+        ({"sync_interval": 3, "buffer": {"max_staleness": 1}}, "npd.sync_interval=3 with npd.buffer.max_staleness=1 can starve"),
+        ({"buffer": {"stale_policy": "skip"}}, "npd.buffer.stale_policy must be one of ('wait', 'drop'), got 'skip'"),
+    ],
+)
+def test_npd_settings_are_checked_where_they_are_parsed(values, message):
+    """NPDConfig checks its own settings once, naming each key; the bound sync_interval <=
+    max_staleness + 1 holds at the limit."""
+    from verl_npd.trainer.config import NPDConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NPDConfig.from_mapping(values)
+    assert NPDConfig.from_mapping({"sync_interval": 3, "buffer": {"max_staleness": 2}}).sync_interval == 3
+
+
 def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():
     """``npd.loss`` crosses into verl's training workers as ``VERL_NPD_LOSS`` in the job's runtime
     environment (what verl's ray.init passes to every worker), as do the engine warnings' filter."""
     from verl_npd.losses.verl_registration import ENV_VAR
     from verl_npd.main_npd import set_job_environment
+    from verl_npd.trainer.preflight import npd_settings
 
     config = compose(*TOY_CONFIG, ["npd.loss.tail_mode=bucket", "npd.loss.beta=0.9"])
-    set_job_environment(config)
+    set_job_environment(config, npd_settings(config).loss)
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
-    assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9, "chunk_size": 4096}
+    assert json.loads(env_vars[ENV_VAR]) == {"tail_mode": "bucket", "beta": 0.9}
     assert "ignore::UserWarning:verl.workers.engine" in env_vars.PYTHONWARNINGS.split(",")
 
 
@@ -284,7 +316,7 @@ def test_every_problem_is_collected_for_the_readiness_check(toy_world):
         "data.val_files=/nonexistent.parquet",
     ]
     config = compose(*TOY_CONFIG, faults)
-    problems = preflight(config, collect=True)
+    problems = preflight(config, collect=True).problems
     expected = [
         "invalid config: npd.sync_interval must be >= 1, got 0",
         "data.val_files: data file '/nonexistent.parquet' does not exist",

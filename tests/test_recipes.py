@@ -16,8 +16,8 @@ RECIPES = os.path.join(REPO, "recipes")
 PAIRS = {
     "qwen3_1.7b_from_8b_gsm8k_math": (("recipes/qwen3_1.7b_from_8b_gsm8k_math/config", "npd"), "recipes/qwen3_1.7b_from_8b_gsm8k_math/config"),
     "qwen2.5_0.5b_from_7b_gsm8k": (("recipes/qwen2.5_0.5b_from_7b_gsm8k/config", "npd"), "recipes/qwen2.5_0.5b_from_7b_gsm8k/config"),
-    # The toy NPD config is main_npd's default.
-    "toy_cpu": (TOY_CONFIG, "recipes/toy_cpu/config"),
+    # The toy NPD config is main_npd's default; its OPD configs ship with the package.
+    "toy_cpu": (TOY_CONFIG, "verl_npd/config/toy_opd"),
 }
 # recipe -> folder of its NPD config, for recipes with no OPD baseline: on one GPU verl's OPD has no
 # GPU for its teacher's pool.
@@ -85,6 +85,27 @@ def declared_gpus(recipe: str, method: str) -> dict[str, int]:
 def test_every_recipe_is_checked():
     folders = sorted(d for d in os.listdir(RECIPES) if os.path.isdir(os.path.join(RECIPES, d)))
     assert folders == sorted(PAIRS | UNPAIRED)
+
+
+def started_config(recipe: str, script: str) -> tuple[str, str]:
+    """(folder relative to the repo, name) of the config ``recipes/<recipe>/<script>`` starts; a
+    ``main_npd`` without --config-path starts its default, the toy demo."""
+    text = open(os.path.join(RECIPES, recipe, script)).read()
+    found = re.search(r"--config-path (\S+) --config-name (\S+)", text)
+    if found is None:
+        assert "python -m verl_npd.main_npd" in text, script
+        return TOY_CONFIG
+    path = found.group(1).strip('"')
+    if path.startswith("pkg://"):
+        path = path.removeprefix("pkg://").replace(".", "/")
+    return path.removeprefix("$PWD/"), found.group(2)
+
+
+@pytest.mark.parametrize("recipe", sorted(PAIRS | UNPAIRED))
+def test_the_run_scripts_start_the_configs_checked_here(recipe):
+    assert started_config(recipe, "run_npd.sh") == configs_of(recipe)[0]
+    if recipe in PAIRS:
+        assert started_config(recipe, "run_opd_baseline.sh") == (PAIRS[recipe][1], "opd_baseline")
 
 
 @pytest.mark.parametrize("recipe", sorted(PAIRS))

@@ -125,7 +125,7 @@ def test_batched_scores_equal_one_request_per_sequence_the_replicas_and_a_forwar
     from verl.workers.config import HFModelConfig, RolloutConfig
     from verl.workers.rollout.replica import RolloutMode
 
-    from verl_npd.rollout.cpu_server import CPURolloutServer
+    from verl_npd.engines.cpu_server import CPURolloutServer
     from verl_npd.rollout.scoring import PromptScores
 
     longest = max(len(s) for s in sequences)

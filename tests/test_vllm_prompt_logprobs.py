@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from verl_npd.platform.verl_version import apply_once_when_imported
-from verl_npd.rollout.vllm_prompt_logprobs import patch_server_module, prompt_token_logprobs
+from verl_npd.engines.vllm_prompt_logprobs import patch_server_module, prompt_token_logprobs
 
 
 def _vllm_output(prompt_ids, logits, k):

@@ -9,7 +9,7 @@ import textwrap
 from types import SimpleNamespace
 
 from verl_npd.platform.verl_version import apply_once_when_imported
-from verl_npd.rollout.vllm_weight_versions import patch_server_class
+from verl_npd.engines.vllm_weight_versions import patch_server_class
 
 
 def test_a_request_running_across_a_sync_is_tagged_with_both_versions(tmp_path, monkeypatch):

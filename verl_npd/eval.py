@@ -32,18 +32,19 @@ import sys
 from collections import defaultdict, deque
 from pathlib import Path
 
-from verl_npd.score import (
+from verl_npd.dataset_cli import (
     InputError,
     check_columns,
-    check_extension,
     check_model_dir,
-    load_tokenizer,
+    check_out,
+    naming,
     one_line,
     read_table,
     run_command,
     to_messages,
     write_table,
 )
+from verl_npd.tokenizers import load_tokenizer
 from verl_npd.trainer.student_export import REWARD_FUNCTION_FILE
 
 ENGINES = ("auto", "npd_cpu", "vllm")
@@ -156,7 +157,7 @@ def generate_npd_cpu(args, tokenizer, prompts: list[list[int]]) -> list[list[int
     from transformers import AutoModelForCausalLM
     from verl.utils.model import get_generation_config
 
-    from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence, eos_token_ids
+    from verl_npd.engines.cpu_engine import BatchedEngine, SamplingSpec, Sequence, eos_token_ids
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -202,9 +203,7 @@ def run(args: argparse.Namespace) -> dict:
 
     data = Path(args.data)
     out = Path(args.out) if args.out else data.with_name(data.stem + ".eval.jsonl")
-    check_extension(out, "--out")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: directory {out.parent} does not exist")
+    check_out(out)
     check_model_dir(args.model, "--model")
     table = read_table(data)
     check_columns(table, args.prompt_column)
@@ -213,7 +212,8 @@ def run(args: argparse.Namespace) -> dict:
     compute_score = score_function(args)
     check_scorers(compute_score, data_sources)
 
-    tokenizer = load_tokenizer(args.model, "--model", args.trust_remote_code)
+    with naming("--model"):
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     try:
         prompts = [render_chat_ids(tokenizer, m, add_generation_prompt=True, **args.chat_template_kwargs) for m in messages]
     except Exception as e:  # no chat template, a template error, unknown kwargs

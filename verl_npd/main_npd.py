@@ -29,29 +29,41 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from verl_npd.losses.distill import NPDLossConfig
 from verl_npd.platform.cpu_threads import share_cores
 from verl_npd.platform.gpu_stack import use_sdpa_without_flash_attn
-from verl_npd.toy.resolvers import register as register_toy_resolvers
 from verl_npd.trainer.console import LOG_NAME, LiveProgress, output_to_log
 from verl_npd.trainer.memory import gpu_memory_here
 from verl_npd.trainer.preflight import PreflightError, preflight
 from verl_npd.trainer.readiness import CheckRequest, check_readiness, split_check_flags
 from verl_npd.trainer.student_export import ask_for_hf_weights
-from verl_npd.trainer.config import store_npd_defaults
+from verl_npd.trainer.config import NPDConfig, store_npd_defaults
 from verl_npd.trainer.summary import format_summary
 
-# Before Hydra composes: the npd: section's defaults, and the ${npd_toy:...} resolvers of the
-# default config (the toy demo). Only this process needs the resolvers: run_npd resolves the config
-# before Ray starts.
+# Before Hydra composes: the npd: section's defaults.
 store_npd_defaults()
-register_toy_resolvers()
+
+# The toy demo's configs (main_npd's default) read the toy world through ${npd_toy:...}
+# (verl_npd/toy/resolvers.py, RESOLVER_NAME). Its resolver is registered only for a config that uses
+# it, so that no other run imports the toy; only this process needs it: run_npd resolves the config
+# before Ray starts.
+TOY_RESOLVER = "npd_toy"
+
+
+def register_toy_resolver_if_used(config: DictConfig) -> None:
+    if f"${{{TOY_RESOLVER}:" in OmegaConf.to_yaml(config):  # unresolved: the interpolations as written
+        from verl_npd.toy.resolvers import register
+
+        register()
 
 
 @ray.remote(max_concurrency=3)  # other threads take request_stop() and progress() while run() trains
 class NPDTaskRunner:
-    """Builds verl's workers and the near-policy trainer inside Ray, like verl's ``TaskRunner``."""
+    """Builds verl's workers and the near-policy trainer inside Ray, like verl's ``TaskRunner``.
+    ``npd_config``: the ``npd:`` section as the driver's preflight parsed it."""
 
-    def __init__(self):
+    def __init__(self, npd_config: NPDConfig):
+        self.npd_config = npd_config
         self.stop_requested = threading.Event()
         self.trainer = None
 
@@ -71,7 +83,6 @@ class NPDTaskRunner:
         from verl.utils.dataset.rl_dataset import collate_fn
         from verl.workers.config import HFModelConfig
 
-        from verl_npd.trainer.config import NPDConfig
         from verl_npd.trainer.near_policy_trainer import NearPolicyTrainer
 
         print(f"NPD task runner on {socket.gethostname()}, pid {os.getpid()}")
@@ -102,7 +113,7 @@ class NPDTaskRunner:
             val_dataset=datasets["val"],
             collate_fn=collate_fn,
             train_sampler=create_rl_sampler(config.data, datasets["train"]),
-            npd_config=NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True)),
+            npd_config=self.npd_config,
             stop_requested=self.stop_requested,
         )
         self.trainer = trainer
@@ -112,15 +123,17 @@ class NPDTaskRunner:
 
 class GracefulStop:
     """SIGTERM/SIGINT of the driver: ask the trainer to finish its step, checkpoint and return;
-    exit with 128 + the signal's number. A second signal, or no answer within ``timeout_s``,
-    exits at once (the last periodic checkpoint stays usable: checkpoints are written atomically).
+    exit with 128 + the signal's number. A second signal, or no answer within
+    ``npd.shutdown_timeout_s``, exits at once (the last periodic checkpoint stays usable:
+    checkpoints are written atomically).
 
     Passed to verl's ``run_ppo`` as its task runner class: ``run_ppo`` calls ``.remote()`` on it
     after ``ray.init``, which is where the runner's handle is kept and the handlers installed.
     """
 
-    def __init__(self, timeout_s: float, console=None):
-        self.timeout_s = timeout_s
+    def __init__(self, npd_config: NPDConfig, console=None):
+        self.npd_config = npd_config
+        self.timeout_s = npd_config.shutdown_timeout_s
         # Where messages for the user go (the real console while the run's output goes to its log).
         self.console = console or sys.stderr
         self.progress: LiveProgress | None = None
@@ -129,7 +142,7 @@ class GracefulStop:
         self._signalled = threading.Event()
 
     def remote(self):
-        self.runner = NPDTaskRunner.remote()
+        self.runner = NPDTaskRunner.remote(self.npd_config)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         # Ray calls are made from this thread, never from inside the signal handler.
@@ -169,15 +182,13 @@ class GracefulStop:
 ENGINE_WARNINGS_MODULE = "verl.workers.engine"
 
 
-def set_job_environment(config: DictConfig) -> None:
+def set_job_environment(config: DictConfig, loss: NPDLossConfig) -> None:
     """What every process of the Ray job gets in its environment, through verl's
     ``ray_kwargs.ray_init.runtime_env`` (which reaches workers on every node): ``npd.loss`` as
     ``VERL_NPD_LOSS``, the bridge into verl's training workers, whose loss config has no room for
     it; and the warnings filter above."""
     from verl_npd.losses.verl_registration import ENV_VAR, env_value
-    from verl_npd.trainer.config import NPDConfig
 
-    loss = NPDConfig.from_mapping(OmegaConf.to_container(config.npd, resolve=True)).loss
     env_vars = "ray_kwargs.ray_init.runtime_env.env_vars"
     OmegaConf.update(config, f"{env_vars}.{ENV_VAR}", env_value(loss), force_add=True)
     quiet = f"ignore::UserWarning:{ENGINE_WARNINGS_MODULE}"
@@ -195,8 +206,8 @@ def run_npd(config: DictConfig) -> dict:
     attention = use_sdpa_without_flash_attn(config)
     if attention:
         print(f"verl-npd: {attention}", file=sys.stderr)
-    preflight(config, gpu_memory_bytes=None if config.trainer.device == "cpu" else gpu_memory_here())
-    set_job_environment(config)
+    npd = preflight(config, gpu_memory_bytes=None if config.trainer.device == "cpu" else gpu_memory_here()).npd
+    set_job_environment(config, npd.loss)
     OmegaConf.resolve(config)
     ask_for_hf_weights(config)
     if get_device_name() == "cpu":
@@ -204,19 +215,19 @@ def run_npd(config: DictConfig) -> dict:
             share_cores(config)
         except ValueError as e:
             raise PreflightError(str(e)) from e
-    output_dir = os.path.abspath(config.npd.output_dir)
+    output_dir = os.path.abspath(npd.output_dir)
     # verl's tensorboard backend writes to $TENSORBOARD_DIR (default ./tensorboard_log); keep a run's
     # event files with the rest of its outputs. Ray workers inherit the driver's environment.
     os.environ.setdefault("TENSORBOARD_DIR", os.path.join(output_dir, "tensorboard"))
-    if config.npd.get("verbose", False):
-        graceful = GracefulStop(timeout_s=config.npd.shutdown_timeout_s)
+    if npd.verbose:
+        graceful = GracefulStop(npd)
         run_ppo(config, task_runner_class=graceful)
         log_path = None
     else:
         log_path = os.path.join(output_dir, LOG_NAME)
         print(f"verl-npd: training; Ray's and verl's output goes to {log_path} (npd.verbose=true shows it here)")
         with output_to_log(log_path) as console:
-            graceful = GracefulStop(timeout_s=config.npd.shutdown_timeout_s, console=console)
+            graceful = GracefulStop(npd, console=console)
             try:
                 run_ppo(config, task_runner_class=graceful)
             except ray.exceptions.RayTaskError as failure:
@@ -251,6 +262,7 @@ check_request: CheckRequest | None = None
 @hydra.main(config_path="config", config_name="npd_toy", version_base=None)
 def main(config: DictConfig) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=re.escape(ENGINE_WARNINGS_MODULE) + r"\Z")
+    register_toy_resolver_if_used(config)
     if check_request is not None:
         sys.exit(check_readiness(config, check_request.gpu_memory_gib))
     try:

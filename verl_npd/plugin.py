@@ -25,12 +25,13 @@ REGISTRATION_MODULES = (
     "verl_npd.platform.cpu",
     "verl_npd.platform.resource_check",
     "verl_npd.platform.trl_compat",
-    "verl_npd.rollout.cpu_server_registration",
-    "verl_npd.rollout.vllm_prompt_logprobs",
-    "verl_npd.rollout.vllm_weight_versions",
-    "verl_npd.rollout.gloo_checkpoint_engine_registration",
+    "verl_npd.engines.cpu_server_registration",
+    "verl_npd.engines.vllm_prompt_logprobs",
+    "verl_npd.engines.vllm_weight_versions",
+    "verl_npd.engines.gloo_checkpoint_engine_registration",
+    "verl_npd.engines.vllm_cpu_registration",
     "verl_npd.rollout.remote_teacher_agent_loop",
-    "verl_npd.losses.packing_dispatch",
+    "verl_npd.trainer.packed_micro_batches",
     "verl_npd.losses.verl_registration",
 )
 

@@ -3,7 +3,7 @@ OpenAI-compatible completions API that NPD's served teacher uses (``npd.teacher.
 described in :mod:`verl_npd.rollout.remote_teacher`), so a teacher can be served on a machine with
 no accelerator, the toy teacher included.
 
-It runs :class:`verl_npd.rollout.cpu_server.CPURolloutServer` in this process (no Ray): concurrent
+It runs :class:`verl_npd.engines.cpu_server.CPURolloutServer` in this process (no Ray): concurrent
 requests share the engine's prefills (continuous batching), as they do in a teacher replica.
 
 Endpoints: ``POST /v1/completions`` (``prompt`` as token ids, one list or a list of lists;
@@ -48,7 +48,7 @@ def vllm_prompt_logprobs(prompt: list[int], extra_fields: dict[str, Any], num_lo
     """``npd_cpu``'s prompt scores (verl's layout: entry t scores token t+1) as vLLM's completions
     response has them: entry i scores token i, the first is null, each holds the top k (ranks 1..k)
     and the actual token."""
-    from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS
+    from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS
 
     entries: list[dict[str, Any] | None] = [None]
     for t in range(len(prompt) - 1):
@@ -128,7 +128,7 @@ def build_app(
     from verl.workers.config import HFModelConfig, RolloutConfig
     from verl.workers.rollout.replica import RolloutMode
 
-    from verl_npd.rollout.cpu_server import ROLLOUT_NAME, CPURolloutServer
+    from verl_npd.engines.cpu_server import ROLLOUT_NAME, CPURolloutServer
 
     server = CPURolloutServer(
         config=RolloutConfig(name=ROLLOUT_NAME, max_model_len=max_model_len, load_format="auto"),

@@ -5,7 +5,7 @@
 # CPU, through verl's own entry point (the baseline NPD is compared against). Extra arguments are
 # Hydra overrides, e.g. trainer.total_training_steps=5.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # The config names the toy world's files; build it first if this machine has none yet (cached).
 python -m verl_npd.toy > /dev/null
-exec python -m verl.trainer.main_ppo --config-path "$here/config" --config-name opd_baseline "$@"
+# The toy's OPD configs ship with the package (verl_npd/config/toy_opd/).
+exec python -m verl.trainer.main_ppo --config-path pkg://verl_npd.config.toy_opd --config-name opd_baseline "$@"

@@ -6,4 +6,7 @@ Modules: ``settings`` (recipe and run size), ``methods`` (the methods and their 
 ``sft_trainer`` (verl's SFT trainer, timed, in one CPU process), ``toy_data`` (validation subset,
 teacher accuracy and SFT data of the toy world), ``readers`` (each method's outputs in one shape),
 ``report`` (targets, goals, results.json/.md, plots), ``runner`` (runs it all).
+
+``python -m verl_npd.bench.packing`` is the other benchmark: NPD's packed micro-batches against
+padded ones, for one training step (``packing``).
 """

@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import signal
+import site
 import subprocess
 import time
 import urllib.request
@@ -32,20 +33,32 @@ from verl_npd.platform.cpu_threads import OMP_WAIT_POLICY_ENV, compute_processes
 
 
 def _start(command: Command, log_path: str) -> subprocess.Popen:
-    """``command`` from the repo root, in a process group of its own, its output in ``log_path``."""
+    """``command`` in the folder of ``log_path`` (its run's folder; every path a command names is
+    absolute), in a process group of its own, its output in ``log_path``."""
     with open(log_path, "w") as log:
         return subprocess.Popen(
             command.argv,
-            cwd=REPO_ROOT,
-            env={**os.environ, **command.env},
+            cwd=os.path.dirname(os.path.abspath(log_path)),
+            env=child_environment(command.env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
 
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment with ``extra``, in which a child imports the verl_npd this process
+    runs: one that is not installed in a site directory (a checkout, found through the current
+    directory or PYTHONPATH; an editable install) has its folder put first on PYTHONPATH, since the
+    child runs elsewhere."""
+    env = {**os.environ, **extra}
+    if REPO_ROOT not in {os.path.abspath(path) for path in site.getsitepackages()}:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    return env
+
+
 def run_command(command: Command, log_path: str, total_steps: int | None, desc: str) -> tuple[int, float]:
-    """Run ``command`` from the repo root with its output in ``log_path``; a progress bar follows the
+    """Run ``command`` with its output in ``log_path``; a progress bar follows the
     steps it records. Returns (exit code, wall seconds). Ctrl-C stops it with its whole process group
     (the method's Ray cluster included)."""
     start = time.perf_counter()
@@ -103,14 +116,19 @@ def _log_tail(path: str, lines: int = 20) -> str:
 
 def source_state(out_dir: str) -> dict:
     """The commit the benchmark's code came from and whether the checkout had local changes
-    (tracked or untracked files, outside ``out_dir``), so that results say which code made them."""
+    (tracked or untracked files, outside ``out_dir``), so that results say which code made them.
+    An installed package has neither: its folder is no checkout's root (one that lies inside a
+    checkout, a venv in a repository, is not that checkout's code)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
 
     try:
+        top_level = git("rev-parse", "--show-toplevel").strip()
         commit = git("rev-parse", "HEAD").strip()
         status = git("status", "--porcelain", "--untracked-files=all")
     except (OSError, subprocess.CalledProcessError):
+        top_level = None
+    if top_level is None or not os.path.samefile(top_level, REPO_ROOT):
         return {"commit": None, "local_changes": None, "note": f"{REPO_ROOT} is not a git checkout"}
     out = os.path.relpath(os.path.abspath(out_dir), REPO_ROOT)
     changed = [line[3:] for line in status.splitlines() if not line[3:].startswith(out + os.sep)]

@@ -7,8 +7,13 @@ import os
 from dataclasses import dataclass
 
 import verl_npd
+import verl_npd.config
 
+# The folder that holds the running verl_npd: a checkout's root when it runs from one (the
+# benchmark then records the checkout's commit), else the site-packages of an installed package.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(verl_npd.__file__)))
+# The package's Hydra configs: NPD's, and the toy's verl OPD configs in toy_opd/ (package data).
+CONFIG_DIR = os.path.dirname(os.path.abspath(verl_npd.config.__file__))
 
 
 @dataclass(frozen=True)
@@ -30,15 +35,16 @@ class Recipe:
     @classmethod
     def toy_cpu(cls) -> Recipe:
         return cls(
-            npd_config_dir=os.path.join(REPO_ROOT, "verl_npd", "config"),
+            npd_config_dir=CONFIG_DIR,
             npd_config_name="npd_toy",
-            opd_config_dir=os.path.join(REPO_ROOT, "recipes", "toy_cpu", "config"),
+            opd_config_dir=os.path.join(CONFIG_DIR, "toy_opd"),
             toy=True,
         )
 
     @classmethod
     def gpu(cls, recipe_dir: str) -> Recipe:
-        """A GPU recipe folder holding ``config/npd.yaml`` and ``config/opd_baseline.yaml``."""
+        """A GPU recipe folder holding ``config/npd.yaml`` and ``config/opd_baseline.yaml``, by its path
+        (the GPU recipes are the repository's ``recipes/*``, not package data)."""
         config_dir = os.path.join(os.path.abspath(recipe_dir), "config")
         for name in ("npd.yaml", "opd_baseline.yaml"):
             if not os.path.isfile(os.path.join(config_dir, name)):

@@ -68,7 +68,10 @@ LOG_PROB_FLOOR = -1.0e4
 
 @dataclass
 class NPDLossConfig:
-    """Configuration of the NPD distillation loss.
+    """``npd.loss``: the NPD losses' settings that verl's ``distillation.distillation_loss`` has no field
+    for. Which loss (``loss_mode``: ``npd_forward_kl_topk`` is ``forward_kl_topk`` here, ...), how many
+    teacher entries (``topk``) and the chunk size are verl's fields, passed to
+    :func:`per_token_distillation_loss` with these.
 
     There is deliberately no temperature: verl divides the student logits by the rollout temperature
     before the loss sees them, and the teacher's top-k log-probs arrive at temperature 1 (vLLM's
@@ -76,15 +79,6 @@ class NPDLossConfig:
     loss, and the teacher's top-k cannot be re-tempered exactly without its tail.
     """
 
-    loss_mode: LossMode = field(
-        default="forward_kl_topk",
-        metadata={
-            "help": "Per-token loss: 'forward_kl_topk' (default, soft-label cross-entropy on the teacher's "
-            "top-k), 'reverse_kl_topk', 'jsd' (generalised JSD, weight `beta`) or 'ce' (hard-label "
-            "cross-entropy on the sampled token, weighted by the teacher's probability of it).",
-            "choices": LOSS_MODES,
-        },
-    )
     tail_mode: TailMode = field(
         default="renorm",
         metadata={
@@ -101,33 +95,12 @@ class NPDLossConfig:
             "(TRL GKD convention): beta = 0 is forward KL, beta = 1 is reverse KL. Unused by other modes."
         },
     )
-    topk: int | None = field(
-        default=None,
-        metadata={
-            "help": "Use only the first `topk` (highest-ranked) teacher entries per token. None uses every "
-            "entry the teacher returned (verl's distillation_loss.topk decides how many that is)."
-        },
-    )
-    chunk_size: int = field(
-        default=4096,
-        metadata={
-            "help": "Tokens per chunk when gathering student log-probs from the logits: bounds the float32 "
-            "[chunk, vocab] temporaries of the forward pass (autograd still keeps the float32 logits for the "
-            "backward). Affects memory only, never the result."
-        },
-    )
 
     def __post_init__(self) -> None:
-        if self.loss_mode not in LOSS_MODES:
-            raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
         if self.tail_mode not in TAIL_MODES:
-            raise ValueError(f"tail_mode must be one of {TAIL_MODES}, got {self.tail_mode!r}")
+            raise ValueError(f"npd.loss.tail_mode must be one of {TAIL_MODES}, got {self.tail_mode!r}")
         if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
-        if self.topk is not None and self.topk < 1:
-            raise ValueError(f"topk must be >= 1 or None, got {self.topk}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+            raise ValueError(f"npd.loss.beta must lie in [0, 1], got {self.beta}")
 
 
 class DistillationOutput(NamedTuple):
@@ -232,6 +205,8 @@ def student_log_probs_at(
     Returns:
         ``([..., K] log-probs, [...] tail log-mass or None)`` in float32 (float64 for float64 logits).
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
     dtype = _compute_dtype(student_logits)
@@ -356,34 +331,50 @@ def per_token_distillation_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_log_probs: torch.Tensor,
-    config: NPDLossConfig,
+    loss_mode: LossMode,
+    settings: NPDLossConfig | None = None,
     target_ids: torch.Tensor | None = None,
+    *,
+    topk: int | None = None,
+    chunk_size: int = 4096,
 ) -> DistillationOutput:
-    """Per-token NPD loss from student logits and the teacher's top-k, as selected by ``config``.
+    """Per-token NPD loss from student logits and the teacher's top-k.
 
     Args:
         student_logits: ``[..., V]``; position t predicts token t + 1.
         teacher_topk_ids: ``[..., K]`` teacher top-k ids at the same positions, rank-ordered.
         teacher_topk_log_probs: ``[..., K]`` their teacher log-probs.
-        config: loss selection.
+        loss_mode: one of :data:`LOSS_MODES`: 'forward_kl_topk' (soft-label cross-entropy on the
+            teacher's top-k), 'reverse_kl_topk', 'jsd' (generalised JSD, weight ``settings.beta``) or
+            'ce' (hard-label cross-entropy on the sampled token, weighted by the teacher's probability of it).
+        settings: ``npd.loss`` (tail mode, beta); None: its defaults.
         target_ids: ``[...]`` the sampled next tokens; required for ``loss_mode='ce'``.
+        topk: use only the first ``topk`` (highest-ranked) teacher entries per token; None: every entry
+            the teacher returned (verl's ``distillation_loss.topk`` decides how many that is).
+        chunk_size: tokens per chunk when the student's log-probs are gathered from the logits (see
+            :func:`student_log_probs_at`): memory only, never the result.
 
     Returns:
         :class:`DistillationOutput` of shape ``[...]``; reduce with :func:`reduce_token_loss`.
     """
-    if config.topk is not None:
-        teacher_topk_ids = teacher_topk_ids[..., : config.topk]
-        teacher_topk_log_probs = teacher_topk_log_probs[..., : config.topk]
+    settings = settings or NPDLossConfig()
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
+    if topk is not None:
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1 or None, got {topk}")
+        teacher_topk_ids = teacher_topk_ids[..., :topk]
+        teacher_topk_log_probs = teacher_topk_log_probs[..., :topk]
     dtype = _compute_dtype(student_logits, teacher_topk_log_probs)
     teacher_topk_log_probs = teacher_topk_log_probs.to(dtype)
     num_teacher = teacher_topk_ids.shape[-1]
 
-    if config.loss_mode == "ce":
+    if loss_mode == "ce":
         if target_ids is None:
             raise ValueError("loss_mode='ce' needs target_ids (the sampled next tokens)")
         # One gather pass serves both the loss (sampled token) and the top-k mass diagnostic.
         ids = torch.cat([teacher_topk_ids, target_ids.unsqueeze(-1).to(teacher_topk_ids.dtype)], dim=-1)
-        log_probs, _ = student_log_probs_at(student_logits, ids, chunk_size=config.chunk_size)
+        log_probs, _ = student_log_probs_at(student_logits, ids, chunk_size=chunk_size)
         student_topk, student_target = log_probs[..., :num_teacher], log_probs[..., num_teacher]
         teacher_target = teacher_log_prob_of(teacher_topk_ids, teacher_topk_log_probs, target_ids)
         loss = teacher_weighted_ce(student_target, teacher_target)
@@ -391,16 +382,16 @@ def per_token_distillation_loss(
         student_topk, student_tail = student_log_probs_at(
             student_logits,
             teacher_topk_ids,
-            with_tail=config.tail_mode == "bucket",
-            chunk_size=config.chunk_size,
+            with_tail=settings.tail_mode == "bucket",
+            chunk_size=chunk_size,
         )
-        if config.loss_mode == "forward_kl_topk":
-            loss = forward_kl_topk(student_topk, teacher_topk_log_probs, student_tail, config.tail_mode)
-        elif config.loss_mode == "reverse_kl_topk":
-            loss = reverse_kl_topk(student_topk, teacher_topk_log_probs, student_tail, config.tail_mode)
+        if loss_mode == "forward_kl_topk":
+            loss = forward_kl_topk(student_topk, teacher_topk_log_probs, student_tail, settings.tail_mode)
+        elif loss_mode == "reverse_kl_topk":
+            loss = reverse_kl_topk(student_topk, teacher_topk_log_probs, student_tail, settings.tail_mode)
         else:
             loss = generalized_jsd_topk(
-                student_topk, teacher_topk_log_probs, student_tail, config.tail_mode, config.beta
+                student_topk, teacher_topk_log_probs, student_tail, settings.tail_mode, settings.beta
             )
 
     with torch.no_grad():

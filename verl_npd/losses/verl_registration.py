@@ -32,11 +32,20 @@ Adaptation done here:
   mean of log p_B - log p_S_now) when the batch carries ``rollout_log_probs`` and verl kept the
   student's sampled-token log-probs (``distillation_only=False``). Unlike verl's ``forward_kl_topk`` it does
   not clamp the loss at 0: the NPD losses are true divergences (>= 0).
-- ``DistillationLossConfig`` rejects unknown fields, so ``loss_mode`` names the divergence (see
-  ``LOSS_NAMES``) and ``topk`` comes from ``distillation_loss.topk``; the loss's other settings
-  (``tail_mode``, ``beta``, ``chunk_size``: ``npd.loss`` in NPD's config) reach the workers through the
-  JSON environment variable ``VERL_NPD_LOSS``, the bridge into verl's workers. ``main_npd`` sets it
-  from ``npd.loss`` in the job's Ray runtime environment; a run of verl's own trainer sets it in
+- verl's own fields of ``distillation.distillation_loss`` say what they say for verl's losses:
+  ``loss_mode`` names the divergence (see ``LOSS_NAMES``), ``topk`` how many teacher entries, and
+  ``chunked_topk_chunk_size`` the tokens per chunk of the student's log-probs (verl's chunked top-k
+  path, verl/trainer/distillation/fsdp/losses.py:26-63, computes the same logsumexp-and-gather per
+  chunk of the flattened tokens; NPD's losses have only that path, so verl's switch between its two
+  paths, ``use_chunked_topk``, is not read).
+- The NPD losses' other settings, ``npd.loss`` (:class:`~verl_npd.losses.distill.NPDLossConfig`:
+  ``tail_mode``, ``beta``), cannot travel in verl's config: the actor worker builds
+  ``DistillationLossConfig`` with Hydra's ``instantiate`` from the section's ``_target_``
+  (verl/workers/engine_workers.py:595-597 -> verl/utils/config.py:48-50;
+  verl/trainer/config/distillation/distillation.yaml:20), whose generated ``__init__`` rejects an
+  unknown keyword (``TypeError: ... unexpected keyword argument 'tail_mode'``). They reach the
+  workers as the JSON environment variable ``VERL_NPD_LOSS`` instead: ``main_npd`` sets it from
+  ``npd.loss`` in the job's Ray runtime environment; a run of verl's own trainer sets it in
   ``ray_kwargs.ray_init.runtime_env.env_vars`` (README). Unset, the defaults of ``npd.loss`` apply.
 
 Recommended verl settings for NPD's supervised step: ``use_policy_gradient=False`` and
@@ -49,6 +58,7 @@ import functools
 import json
 import logging
 import os
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
@@ -58,11 +68,11 @@ from verl_npd.platform.verl_version import apply_once
 
 logger = logging.getLogger(__name__)
 
+# npd.loss, as JSON: every field of NPDLossConfig.
 ENV_VAR = "VERL_NPD_LOSS"
-# The NPDLossConfig fields that VERL_NPD_LOSS carries (npd.loss in NPD's config).
-ENV_KEYS = ("tail_mode", "beta", "chunk_size")
+ENV_KEYS = tuple(f.name for f in fields(NPDLossConfig))
 
-# verl loss_mode -> NPDLossConfig.loss_mode.
+# verl loss_mode -> the loss_mode of per_token_distillation_loss.
 LOSS_NAMES: dict[str, str] = {
     "npd_forward_kl_topk": "forward_kl_topk",
     "npd_reverse_kl_topk": "reverse_kl_topk",
@@ -79,17 +89,17 @@ TEACHER_MASS_KEY = "npd_teacher_mass"
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2", "veomni")
 
 
-def env_value(settings: Any) -> str:
-    """``VERL_NPD_LOSS``'s value for ``settings``, any object with the ``ENV_KEYS`` as attributes
-    (``npd.loss``)."""
-    return json.dumps({key: getattr(settings, key) for key in ENV_KEYS})
+def env_value(settings: NPDLossConfig) -> str:
+    """``VERL_NPD_LOSS``'s value for ``npd.loss``."""
+    return json.dumps(asdict(settings))
 
 
-def env_settings() -> dict[str, Any]:
-    """The ``VERL_NPD_LOSS`` JSON object (``{"beta": 0.9}``), validated; ``{}`` when unset."""
+def env_settings() -> NPDLossConfig:
+    """``npd.loss`` from the ``VERL_NPD_LOSS`` JSON object (``{"beta": 0.9}``), validated; its
+    defaults when unset."""
     raw = os.environ.get(ENV_VAR, "").strip()
     if not raw:
-        return {}
+        return NPDLossConfig()
     try:
         settings = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -97,15 +107,9 @@ def env_settings() -> dict[str, Any]:
     if not isinstance(settings, dict) or set(settings) - set(ENV_KEYS):
         raise ValueError(f"{ENV_VAR} must be a JSON object with keys among {ENV_KEYS}, got {raw!r}")
     try:
-        NPDLossConfig(**settings)
+        return NPDLossConfig(**settings)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{ENV_VAR}={raw!r}: {e}") from None
-    return settings
-
-
-def loss_config_for(loss_name: str, topk: int | None) -> NPDLossConfig:
-    """The :class:`NPDLossConfig` that verl ``loss_mode=loss_name`` stands for, with ``VERL_NPD_LOSS``'s settings."""
-    return NPDLossConfig(**env_settings(), loss_mode=LOSS_NAMES[loss_name], topk=topk)
 
 
 def compute_npd_topk_outputs(
@@ -144,8 +148,11 @@ def compute_npd_topk_outputs(
         student_logits=student_logits,
         teacher_topk_ids=teacher_ids,
         teacher_topk_log_probs=teacher_log_probs,
-        config=loss_config_for(loss_config.loss_mode, loss_config.topk),
+        loss_mode=LOSS_NAMES[loss_config.loss_mode],
+        settings=env_settings(),
         target_ids=target_ids,
+        topk=loss_config.topk,
+        chunk_size=loss_config.chunked_topk_chunk_size,
     )
     return {
         LOSS_KEY: output.loss,

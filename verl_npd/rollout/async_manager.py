@@ -25,7 +25,7 @@ requests they are running. Generation then goes through ``student_generation_cli
 the oldest and newest versions of its parts; prefills are simply sent again. Colocated replicas are
 synced between two engine steps and abort nothing: a request running then continues on the new
 weights, its KV cache holding both, and the server reports the versions (``npd_cpu`` exactly, per
-engine step; verl's vLLM server as :mod:`verl_npd.rollout.vllm_weight_versions` patches it); both
+engine step; verl's vLLM server as :mod:`verl_npd.engines.vllm_weight_versions` patches it); both
 clients are then the same plain one.
 """
 

@@ -17,7 +17,7 @@ Two policies bound staleness to ``max_staleness``:
   the trainer reaches them are dropped and counted.
 
 Both need ``sync_interval <= max_staleness + 1``: with rarer syncs, some trainer steps could only
-ever see samples that are too stale (see :func:`check_staleness_bound`).
+ever see samples that are too stale (the run's config checks it).
 
 Backpressure: ``capacity`` bounds queued plus in-flight samples. A full buffer blocks the
 generator in :meth:`NearPolicyBuffer.acquire`; it never drops. Every sample is accounted for:
@@ -32,28 +32,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 StalePolicy = Literal["wait", "drop"]
-
-
-def check_staleness_bound(sync_interval: int, max_staleness: int) -> None:
-    """Raise if a run with these settings could starve the trainer.
-
-    The rollout engine holds version ``K * floor(c / K)`` when the trainer consumes with weights
-    of version ``c`` (K = sync_interval), so the freshest sample available then has staleness up
-    to ``K - 1``.
-    """
-    if sync_interval < 1:
-        raise ValueError(f"npd.sync_interval must be >= 1, got {sync_interval}")
-    if max_staleness < 0:
-        raise ValueError(f"npd.buffer.max_staleness must be >= 0, got {max_staleness}")
-    if sync_interval - 1 > max_staleness:
-        raise ValueError(
-            f"npd.sync_interval={sync_interval} with npd.buffer.max_staleness={max_staleness} can starve the "
-            f"trainer: between syncs the freshest samples are up to {sync_interval - 1} versions old. "
-            f"Use sync_interval <= max_staleness + 1."
-        )
+STALE_POLICIES: tuple[str, ...] = get_args(StalePolicy)
 
 
 @dataclass
@@ -107,12 +89,11 @@ class NearPolicyBuffer:
     counters: BufferCounters = field(default_factory=BufferCounters)
 
     def __post_init__(self) -> None:
+        # The run's config and preflight check these settings; here they are the buffer's invariants.
         if self.capacity < self.batch_size:
-            raise ValueError(
-                f"npd.buffer.capacity={self.capacity} must hold at least one training batch ({self.batch_size})"
-            )
-        if self.stale_policy not in ("wait", "drop"):
-            raise ValueError(f"npd.buffer.stale_policy must be 'wait' or 'drop', got {self.stale_policy!r}")
+            raise ValueError(f"a buffer of capacity {self.capacity} cannot hold a batch of {self.batch_size}")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ValueError(f"stale_policy must be one of {STALE_POLICIES}, got {self.stale_policy!r}")
         if not 0.0 < self.expected_keep_fraction <= 1.0:
             raise ValueError(f"the expected keep fraction must be in (0, 1], got {self.expected_keep_fraction}")
         self._queue: deque[Sample] = deque()

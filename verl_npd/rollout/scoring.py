@@ -30,14 +30,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("verl_npd")
+from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS, scoring_params
 
-# The key under which servers return log p(actual token) next to the top-k in ``extra_fields``
-# (``npd_cpu`` always; verl's vLLM server once ``verl_npd.rollout.vllm_prompt_logprobs`` adds it).
-PROMPT_TOKEN_LOGPROBS = "prompt_token_logprobs"
-# ... and the rank of each actual token among all tokens (``npd_cpu``; what ``verl_npd.serve`` reports
-# as vLLM's ``rank``).
-PROMPT_TOKEN_RANKS = "prompt_token_ranks"
+logger = logging.getLogger("verl_npd")
 
 _ABORTED = ("aborted", "abort")
 
@@ -63,11 +58,6 @@ async def call_with_retries(make_call: Callable, what: str, timeout_s: float, ma
             last_error = e
             logger.warning("verl-npd: %s failed (attempt %d/%d): %r", what, attempt + 1, max_retries + 1, e)
     raise RequestFailed(f"{what} failed after {max_retries + 1} attempts: {last_error!r}") from last_error
-
-
-def scoring_params(num_logprobs: int) -> dict[str, Any]:
-    """A prefill request: the prompt's log-probs (top ``num_logprobs``; 0 = the actual token only)."""
-    return {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": num_logprobs, "detokenize": False}
 
 
 @dataclass
@@ -139,7 +129,7 @@ class ServerPool:
         """One generation request, as verl's ``LLMServerClient.generate`` makes it, on the next server;
         its weight versions are reported the way verl's client reports them: the server's own
         ``min_global_steps``/``max_global_steps`` (the versions of the first and last tokens: npd_cpu,
-        and verl's vLLM server with :mod:`verl_npd.rollout.vllm_weight_versions`), else the one it
+        and verl's vLLM server with :mod:`verl_npd.engines.vllm_weight_versions`), else the one it
         answered with for both."""
         handle = self.handles[self._next]
         self._next = (self._next + 1) % len(self.handles)

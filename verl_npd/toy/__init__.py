@@ -5,7 +5,7 @@
     world.teacher_dir, world.student_dir, world.train_parquet, world.teacher_accuracy, ...
 
 Importing this package is cheap: ``main_npd`` imports ``verl_npd.toy.resolvers`` (which runs this
-file) before it composes its config, and verl's reward workers import the reward. The torch-backed
+file) when its config uses ``${npd_toy:...}``, and verl's reward workers import the reward. The torch-backed
 helpers load on first attribute access.
 """
 

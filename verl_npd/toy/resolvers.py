@@ -1,8 +1,8 @@
 """``${npd_toy:<field>}`` in a config: a path or number of the toy world, built on first use.
 
-Registered only where the toy's configs are used: by ``python -m verl_npd.main_npd`` (whose default
-config is the toy demo; it resolves the config before Ray starts, so its workers need no resolver),
-the benchmark and the tests. Fields are those of :class:`verl_npd.toy.world.ToyWorld`
+Registered only where the toy's configs are used: by ``python -m verl_npd.main_npd`` when its
+composed config uses it (its default, the toy demo, does; it resolves the config before Ray starts,
+so its workers need no resolver), the benchmark and the tests. Fields are those of :class:`verl_npd.toy.world.ToyWorld`
 (``teacher_dir``, ``student_dir``, ``train_parquet``, ``val_parquet``, ``tokenizer_dir``,
 ``teacher_accuracy``, ...).
 """

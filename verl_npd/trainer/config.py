@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilterConfig
 from verl_npd.losses.distill import NPDLossConfig
-from verl_npd.rollout.buffer import check_staleness_bound
+from verl_npd.rollout.buffer import STALE_POLICIES
 from verl_npd.rollout.teacher_api import TEACHER_APIS
 
 
@@ -20,6 +20,7 @@ from verl_npd.rollout.teacher_api import TEACHER_APIS
 MOVED_TO_VERL = {
     "npd.total_steps": "trainer.total_training_steps",
     "npd.packing.token_budget": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+    "npd.loss.chunk_size": "distillation.distillation_loss.chunked_topk_chunk_size",
 }
 
 
@@ -66,10 +67,14 @@ class BufferConfig:
     )
 
     def __post_init__(self):
+        # That it holds a batch, data.train_batch_size * actor_rollout_ref.rollout.n samples, is the
+        # preflight's check (check_buffer_holds_a_batch): those keys are verl's.
         if self.capacity < 1:
             raise ValueError(f"npd.buffer.capacity must be >= 1, got {self.capacity}")
-        if self.stale_policy not in ("wait", "drop"):
-            raise ValueError(f"npd.buffer.stale_policy must be 'wait' or 'drop', got {self.stale_policy!r}")
+        if self.max_staleness < 0:
+            raise ValueError(f"npd.buffer.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ValueError(f"npd.buffer.stale_policy must be one of {STALE_POLICIES}, got {self.stale_policy!r}")
 
 
 @dataclass
@@ -222,30 +227,6 @@ class PackingConfig:
     )
 
 
-def _loss_field(name: str):
-    """A field of ``npd.loss`` with the default and help of the loss's own config (losses/distill.py)."""
-    loss_field = NPDLossConfig.__dataclass_fields__[name]
-    return field(default=loss_field.default, metadata=loss_field.metadata)
-
-
-@dataclass
-class LossConfig:
-    """``npd.loss``: the distillation loss's settings besides the two that are verl's own fields,
-    ``distillation.distillation_loss.loss_mode`` (the divergence: npd_forward_kl_topk, npd_reverse_kl_topk,
-    npd_jsd, npd_ce) and ``.topk``. verl's loss config rejects other fields, so ``main_npd`` hands
-    these to the training workers in the environment variable ``VERL_NPD_LOSS`` (see README)."""
-
-    tail_mode: str = _loss_field("tail_mode")
-    beta: float = _loss_field("beta")
-    chunk_size: int = _loss_field("chunk_size")
-
-    def __post_init__(self):
-        try:
-            NPDLossConfig(tail_mode=self.tail_mode, beta=self.beta, chunk_size=self.chunk_size)
-        except ValueError as e:
-            raise ValueError(f"npd.loss.{e}") from None
-
-
 @dataclass
 class NPDConfig:
     """``npd``: Near-Policy Distillation settings (see docs/algorithm.md)."""
@@ -279,7 +260,7 @@ class NPDConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     filter: DeltaIFDFilterConfig = field(default_factory=DeltaIFDFilterConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: NPDLossConfig = field(default_factory=NPDLossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):
@@ -287,7 +268,17 @@ class NPDConfig:
             raise ValueError(f"npd.shutdown_timeout_s must be > 0, got {self.shutdown_timeout_s}")
         if self.teacher_accuracy is not None and not 0.0 <= self.teacher_accuracy <= 1.0:
             raise ValueError(f"npd.teacher_accuracy must lie in [0, 1] (or be null), got {self.teacher_accuracy}")
-        check_staleness_bound(self.sync_interval, self.buffer.max_staleness)
+        if self.sync_interval < 1:
+            raise ValueError(f"npd.sync_interval must be >= 1, got {self.sync_interval}")
+        # The rollout engine holds version K * floor(c / K) when the trainer consumes with weights of
+        # version c (K = sync_interval), so the freshest sample available then is up to K - 1 versions
+        # old: a smaller bound could starve the trainer.
+        if self.sync_interval - 1 > self.buffer.max_staleness:
+            raise ValueError(
+                f"npd.sync_interval={self.sync_interval} with npd.buffer.max_staleness={self.buffer.max_staleness} "
+                f"can starve the trainer: between syncs the freshest samples are up to {self.sync_interval - 1} "
+                "versions old. Use sync_interval <= max_staleness + 1."
+            )
         if self.filter.mode == "student_lag":
             raise ValueError(
                 "npd.filter.mode=student_lag needs IFDs of the current student, which the trainer does not "

@@ -41,10 +41,10 @@ from verl.workers.utils.padding import left_right_2_no_padding
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilter
 from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
-from verl_npd.losses.packing import pack_for_ranks, packing_efficiency, rank_major_order
-from verl_npd.losses.packing_dispatch import MICRO_BATCH_KEY
+from verl_npd.trainer.packing import pack_for_ranks, packing_efficiency, rank_major_order
+from verl_npd.trainer.packed_micro_batches import MICRO_BATCH_KEY
 from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
-from verl_npd.rollout.cpu_server_registration import ROLLOUT_NAME as CPU_ROLLOUT_NAME
+from verl_npd.engines.cpu_server_registration import ROLLOUT_NAME as CPU_ROLLOUT_NAME
 from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples

@@ -10,11 +10,15 @@ import os
 import re
 import sys
 import traceback
+from typing import TYPE_CHECKING, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from verl_npd.platform.gpu_stack import gpu_stack_problems
 from verl_npd.tokenizers import TokenizerError, check_shared_token_ids, load_tokenizer
+
+if TYPE_CHECKING:
+    from verl_npd.trainer.config import NPDConfig
 
 
 class PreflightError(ValueError):
@@ -50,7 +54,15 @@ class Problems:
         self.found.extend(problems)
 
 
-def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collect: bool = False) -> list[str]:
+class Checked(NamedTuple):
+    """What the preflight found: the ``npd:`` section, parsed once here for the whole run (None when
+    it is invalid), and, with ``collect``, every problem."""
+
+    npd: NPDConfig | None
+    problems: list[str]
+
+
+def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collect: bool = False) -> Checked:
     """Check the config and its inputs before anything starts. Raises the first problem, or with
     ``collect`` returns them all (a check whose input an earlier one rejected is skipped, so that a
     problem is named once). ``gpu_memory_bytes``: each GPU's memory, for the memory estimates
@@ -62,7 +74,9 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
     npd = problems.run(npd_settings, config)
     if npd is not FAILED:
         problems.run(check_token_budget, config, npd.packing.truncate)
+        problems.run(check_buffer_holds_a_batch, config, npd.buffer.capacity)
     problems.run(check_distillation_enabled, config)
+    problems.run(check_loss_chunk_size, config)
     problems.run(check_served_teacher_count, config)
     student_path, teacher_paths = FAILED, {}
     if named:
@@ -94,7 +108,7 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
         problems.report(memory_problems(config, gpu_memory_bytes))
     if npd is not FAILED and tokenizer is not FAILED:
         problems.run(check_served_teacher, config, npd, tokenizer)
-    return problems.found
+    return Checked(None if npd is FAILED else npd, problems.found)
 
 
 def npd_settings(config: DictConfig):
@@ -109,6 +123,21 @@ def npd_settings(config: DictConfig):
 def check_distillation_enabled(config: DictConfig) -> None:
     if not config.distillation.enabled:
         raise PreflightError("distillation.enabled must be true: NPD distils from the configured teacher")
+
+
+def check_loss_chunk_size(config: DictConfig) -> None:
+    """The ``npd_*`` losses gather the student's log-probs in chunks of verl's
+    ``chunked_topk_chunk_size`` tokens, which verl does not range-check (its own losses read it only
+    with ``use_chunked_topk``): a bad value would stop the first training step."""
+    from verl_npd.losses.verl_registration import LOSS_NAMES
+
+    loss = config.distillation.distillation_loss
+    chunk = loss.get("chunked_topk_chunk_size", 1)
+    if loss.loss_mode in LOSS_NAMES and chunk < 1:
+        raise PreflightError(
+            f"distillation.distillation_loss.chunked_topk_chunk_size={chunk}: {loss.loss_mode} gathers the "
+            "student's log-probs in chunks of this many tokens; set it to 1 or more (verl's default is 4096)"
+        )
 
 
 def check_served_teacher_count(config: DictConfig) -> None:
@@ -152,6 +181,17 @@ def check_token_budget(config: DictConfig, truncate: bool) -> None:
             f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={budget} (NPD's micro-batch token budget) is less "
             f"than the longest sample, data.max_prompt_length + data.max_response_length = {longest}; raise it, "
             "or set npd.packing.truncate=true to cut such samples to the budget"
+        )
+
+
+def check_buffer_holds_a_batch(config: DictConfig, capacity: int) -> None:
+    """The trainer takes a step's samples from the near-policy buffer at once: a buffer that cannot
+    hold them would never fill a batch."""
+    samples_per_step = config.data.train_batch_size * config.actor_rollout_ref.rollout.n
+    if capacity < samples_per_step:
+        raise PreflightError(
+            f"npd.buffer.capacity={capacity} cannot hold a training batch: data.train_batch_size * "
+            f"actor_rollout_ref.rollout.n = {samples_per_step} samples; raise it to {samples_per_step} or more"
         )
 
 

@@ -74,7 +74,7 @@ def check_readiness(config: DictConfig, gpu_memory_gib: float | None, out=None) 
         if gpu_memory is None:
             notes.append(f"no GPU here to read the memory of: give {GPU_MEMORY_FLAG} to estimate what fits")
     try:
-        problems = preflight(config, gpu_memory_bytes=gpu_memory, collect=True)
+        problems = preflight(config, gpu_memory_bytes=gpu_memory, collect=True).problems
     except PreflightError as e:  # the config is not an NPD config at all
         problems = [str(e)]
     print("verl-npd readiness check (nothing is started)", file=out)

@@ -1,4 +1,4 @@
-"""Registers ``npd_gloo`` (:mod:`verl_npd.rollout.gloo_checkpoint_engine`) with verl.
+"""Registers ``npd_gloo`` (:mod:`verl_npd.engines.gloo_checkpoint_engine`) with verl.
 
 verl's checkpoint-engine registry holds classes, not class paths or loaders
 (verl/checkpoint_engine/base.py:49-99), so registering means importing the engine module, whose
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-ENGINE_MODULE = "verl_npd.rollout.gloo_checkpoint_engine"
+ENGINE_MODULE = "verl_npd.engines.gloo_checkpoint_engine"
 
 
 def register() -> None:

@@ -3,7 +3,7 @@
 Samples of very different lengths (long-tailed responses) are bin-packed, best-fit decreasing, into
 micro-batches holding at most ``budget`` tokens each (:func:`pack_for_ranks`, per data-parallel
 rank). The trainer lays the batch out rank-major (:func:`rank_major_order`) and names each sample's
-micro-batch; :mod:`verl_npd.losses.packing_dispatch` makes verl's engine train exactly those
+micro-batch; :mod:`verl_npd.trainer.packed_micro_batches` makes verl's engine train exactly those
 micro-batches. Packing efficiency = real tokens / (micro-batches x budget).
 
 **Attention never crosses a sample boundary.** verl's FSDP engine with ``use_remove_padding=True``

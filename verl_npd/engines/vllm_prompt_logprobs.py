@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from verl_npd.platform.verl_version import apply_once_when_imported
-from verl_npd.rollout.scoring import PROMPT_TOKEN_LOGPROBS
+from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS
 
 VLLM_SERVER_MODULE = "verl.workers.rollout.vllm_rollout.vllm_async_server"
 

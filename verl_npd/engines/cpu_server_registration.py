@@ -1,4 +1,4 @@
-"""Registers ``npd_cpu`` (:mod:`verl_npd.rollout.cpu_server`) with verl, without importing it.
+"""Registers ``npd_cpu`` (:mod:`verl_npd.engines.cpu_server`) with verl, without importing it.
 
 The plugin runs this in every process at ``import verl``, also while a fresh Ray worker is still
 importing ``cpu_server`` itself (unpickling ``CPURolloutServer`` imports it, and its first verl
@@ -11,11 +11,11 @@ from __future__ import annotations
 from verl_npd.platform.verl_version import apply_once_when_imported
 
 ROLLOUT_NAME = "npd_cpu"
-SERVER_MODULE = "verl_npd.rollout.cpu_server"
+SERVER_MODULE = "verl_npd.engines.cpu_server"
 
 
 def _load_replica_class():
-    from verl_npd.rollout.cpu_server import CPURolloutReplica
+    from verl_npd.engines.cpu_server import CPURolloutReplica
 
     return CPURolloutReplica
 

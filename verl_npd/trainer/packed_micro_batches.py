@@ -1,4 +1,4 @@
-"""verl's engines train the micro-batches :mod:`verl_npd.losses.packing` packed, not their own.
+"""verl's engines train the micro-batches :mod:`verl_npd.trainer.packing` packed, not their own.
 
 verl's engines split a mini-batch with ``prepare_micro_batches`` (verl/workers/engine/utils.py:92),
 whose dynamic-batch path re-partitions the samples itself (Karmarkar-Karp balancing,
@@ -35,7 +35,7 @@ def micro_batches_from_assignment(data, dp_group):
     partitions = [groups[k] for k in sorted(groups)]
     if dp_group is not None and dist.is_initialized():
         # Every data-parallel rank must run the same number of micro-batches (FSDP's collectives
-        # pair up per micro-batch); the trainer packs them so (losses/packing.py pack_for_ranks).
+        # pair up per micro-batch); the trainer packs them so (trainer/packing.py pack_for_ranks).
         # A mismatch would hang in the first unpaired collective, so fail here instead.
         counts = torch.tensor([len(partitions), -len(partitions)], device=get_device_name())
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=dp_group)

@@ -6,7 +6,7 @@ same tiny-to-small Qwen2 student, the same synthetic teacher top-k and the defau
 
 - packed: best-fit-decreasing bins of at most ``--budget`` tokens, each run as one row with
   restarting positions and no attention mask, the layout verl's remove-padding forward gives the
-  model (transformers then attends within each sample only; verl_npd/losses/packing.py says how);
+  model (transformers then attends within each sample only; verl_npd/trainer/packing.py says how);
 - padded: fixed-size micro-batches in arrival order, right-padded to the longest sample of each
   micro-batch (verl without dynamic batch size). The default micro-batch size,
   ``round(budget / mean sample length)``, gives the padded micro-batches the packed ones' *average* real
@@ -22,9 +22,12 @@ competes for them): 128 samples of median ~33 prompt + ~100 response tokens with
 What matters for packing is the shape of the length distribution relative to the budget, which is
 kept realistic; on a GPU, scale everything up.
 
-    python benchmarks/bench_packing.py
-    python benchmarks/bench_packing.py --device cuda --out benchmarks/results/packing_cuda.json \
+    python -m verl_npd.bench.packing                  # writes outputs/bench/packing_cpu.json
+    python -m verl_npd.bench.packing --device cuda --out outputs/bench/packing_cuda.json \
         --num-samples 1024 --budget 8192 --prompt-mu 5 --response-mu 6.5 --hidden 1024 --layers 8 --vocab 32768
+
+The reference CPU result is docs/benchmarks/packing/packing_cpu.json (written by this benchmark when
+it was benchmarks/bench_packing.py, with its default settings).
 """
 
 import argparse
@@ -41,11 +44,14 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss, reduce_token_loss
-from verl_npd.losses.packing import best_fit_decreasing, packing_efficiency
+from verl_npd.trainer.packing import best_fit_decreasing, packing_efficiency
+
+# NPD's default loss (distillation.distillation_loss.loss_mode=npd_forward_kl_topk).
+LOSS_MODE = "forward_kl_topk"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m verl_npd.bench.packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     parser.add_argument("--num-samples", type=int, default=128)
@@ -71,7 +77,7 @@ def parse_args() -> argparse.Namespace:
         "10x slower than 1 as soon as another process competes for a core",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/packing_cpu.json")
+    parser.add_argument("--out", default="outputs/bench/packing_cpu.json")
     return parser.parse_args()
 
 
@@ -176,7 +182,7 @@ def run_packed(model, packed_batches, config, global_tokens, device) -> tuple[fl
         ).logits.squeeze(0)
         tensors = packed.tensors
         loss = per_token_distillation_loss(
-            logits, tensors["teacher_topk_ids"], tensors["teacher_topk_log_probs"], config, packed.target_ids
+            logits, tensors["teacher_topk_ids"], tensors["teacher_topk_log_probs"], LOSS_MODE, config, packed.target_ids
         ).loss
         loss = reduce_token_loss(loss, tensors["loss_mask"], global_tokens)
         loss.backward()
@@ -194,7 +200,7 @@ def run_padded(model, batches, config, global_tokens, device) -> tuple[float, fl
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
         ).logits
         loss = per_token_distillation_loss(
-            logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], config, batch["target_ids"]
+            logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], LOSS_MODE, config, batch["target_ids"]
         ).loss
         loss = reduce_token_loss(loss, batch["loss_mask"], global_tokens)
         loss.backward()

@@ -1,6 +1,6 @@
 """Batched token-in/token-out generation with a Hugging Face causal LM on CPU.
 
-This module is the compute half of the ``npd_cpu`` rollout backend (:mod:`verl_npd.rollout.cpu_server`
+This module is the compute half of the ``npd_cpu`` rollout backend (:mod:`verl_npd.engines.cpu_server`
 is the Ray/verl half). It has no Ray or asyncio in it, so it can be driven step by step from a
 worker thread and tested on its own.
 
