@@ -358,6 +358,7 @@ def per_token_distillation_loss(
     teacher_topk_log_probs: torch.Tensor,
     config: NPDLossConfig,
     target_ids: torch.Tensor | None = None,
+    entry_mask: torch.Tensor | None = None,
 ) -> DistillationOutput:
     """Per-token NPD loss from student logits and the teacher's top-k, as selected by ``config``.
 
@@ -367,6 +368,11 @@ def per_token_distillation_loss(
         teacher_topk_log_probs: ``[..., K]`` their teacher log-probs.
         config: loss selection.
         target_ids: ``[...]`` the sampled next tokens; required for ``loss_mode='ce'``.
+        entry_mask: ``[..., K]`` bool, the entries that take part (None: all). The loss is that of
+            the kept entries alone, as if the others were not in K (their ids may be anything): the
+            teacher's and the student's probabilities there are zero in every mode, and the bucket
+            tail is the mass outside the kept ids. The cross-tokenizer loss leaves out the
+            teacher's entries that have no student id.
 
     Returns:
         :class:`DistillationOutput` of shape ``[...]``; reduce with :func:`reduce_token_loss`.
@@ -374,6 +380,15 @@ def per_token_distillation_loss(
     if config.topk is not None:
         teacher_topk_ids = teacher_topk_ids[..., : config.topk]
         teacher_topk_log_probs = teacher_topk_log_probs[..., : config.topk]
+        entry_mask = None if entry_mask is None else entry_mask[..., : config.topk]
+    if entry_mask is not None:
+        # A left-out entry takes the id of its row's first kept entry: gathered twice, that id's
+        # student mass stays out of the bucket tail once, as it should; its log-probs are zeroed below.
+        # A row with nothing kept has a zero loss; its ids need only be valid.
+        first_kept = teacher_topk_ids.gather(-1, entry_mask.long().argmax(dim=-1, keepdim=True))
+        first_kept = torch.where(entry_mask.any(dim=-1, keepdim=True), first_kept, torch.zeros_like(first_kept))
+        teacher_topk_ids = torch.where(entry_mask, teacher_topk_ids, first_kept)
+        teacher_topk_log_probs = teacher_topk_log_probs.masked_fill(~entry_mask, float("-inf"))
     dtype = _compute_dtype(student_logits, teacher_topk_log_probs)
     teacher_topk_log_probs = teacher_topk_log_probs.to(dtype)
     num_teacher = teacher_topk_ids.shape[-1]
@@ -385,6 +400,8 @@ def per_token_distillation_loss(
         ids = torch.cat([teacher_topk_ids, target_ids.unsqueeze(-1).to(teacher_topk_ids.dtype)], dim=-1)
         log_probs, _ = student_log_probs_at(student_logits, ids, chunk_size=config.chunk_size)
         student_topk, student_target = log_probs[..., :num_teacher], log_probs[..., num_teacher]
+        if entry_mask is not None:
+            student_topk = student_topk.masked_fill(~entry_mask, LOG_PROB_FLOOR)
         teacher_target = teacher_log_prob_of(teacher_topk_ids, teacher_topk_log_probs, target_ids)
         loss = teacher_weighted_ce(student_target, teacher_target)
     else:
@@ -394,6 +411,8 @@ def per_token_distillation_loss(
             with_tail=config.tail_mode == "bucket",
             chunk_size=config.chunk_size,
         )
+        if entry_mask is not None:
+            student_topk = student_topk.masked_fill(~entry_mask, LOG_PROB_FLOOR)
         if config.loss_mode == "forward_kl_topk":
             loss = forward_kl_topk(student_topk, teacher_topk_log_probs, student_tail, config.tail_mode)
         elif config.loss_mode == "reverse_kl_topk":
