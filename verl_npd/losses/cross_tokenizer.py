@@ -156,7 +156,8 @@ def cross_tokenizer_loss(
         student_top = student_top_log_probs_outside(
             student_logits, teacher_ids, matched, teacher_ids.shape[-1], config.chunk_size
         )
-        teacher_unmatched = torch.where(unmatched, teacher_log_probs.to(dtype), torch.full_like(teacher_log_probs, LOG_PROB_FLOOR, dtype=dtype))
+        floor = torch.full_like(teacher_log_probs, LOG_PROB_FLOOR, dtype=dtype)
+        teacher_unmatched = torch.where(unmatched, teacher_log_probs.to(dtype), floor)
         uld = sorted_probability_distance(student_top + continuation.unsqueeze(-1), teacher_unmatched, count)
         uld = torch.where(has_target, uld, torch.zeros_like(uld))
     return CrossTokenizerOutput(

@@ -145,7 +145,9 @@ def compute_npd_topk_outputs(
 
     npd_loss_config = loss_config_for(loss_config.loss_mode, loss_config.topk)
     if SPAN_KEY in data.keys():
-        return _cross_tokenizer_outputs(data, student_logits, teacher_ids, teacher_log_probs, target_ids, npd_loss_config)
+        return _cross_tokenizer_outputs(
+            data, student_logits, teacher_ids, teacher_log_probs, target_ids, npd_loss_config
+        )
     output = per_token_distillation_loss(
         student_logits=student_logits,
         teacher_topk_ids=teacher_ids,

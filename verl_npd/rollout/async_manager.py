@@ -385,7 +385,8 @@ class AsyncRolloutManager:
                 header_only = [unconditional[i] for i in indices]
             else:
                 views = await asyncio.to_thread(
-                    lambda: [cross.teacher_sample(rollouts[i].prompt.messages, rollouts[i].response_ids) for i in indices]
+                    lambda: [cross.teacher_sample(rollouts[i].prompt.messages, rollouts[i].response_ids)
+                             for i in indices]  # fmt: skip
                 )
                 conditional = [v.prompt_ids + v.response_ids for v in views]
                 header_only = [cross.teacher_header_ids + v.response_ids for v in views]

@@ -169,7 +169,9 @@ class VocabularyMap:
                 ids = [encoded[0]] if len(encoded) == 1 and encoded[0] in ids else ids
             self.student_of[string] = min(ids)
         self.teacher_strings = token_strings(teacher)
-        table = [UNMATCHED if string is None else self.student_of.get(string, UNMATCHED) for string in self.teacher_strings]
+        table = [
+            UNMATCHED if string is None else self.student_of.get(string, UNMATCHED) for string in self.teacher_strings
+        ]
         table[teacher_end_of_turn] = student_end_of_turn
         self.table = torch.tensor(table, dtype=torch.int64)
         self.student = student
@@ -334,7 +336,9 @@ class CrossTokenizer:
         prompt_ids = render_chat_ids(self.teacher, messages, add_generation_prompt=True, **self.chat_template_kwargs)
         return TeacherSample(prompt_ids=prompt_ids, response_ids=teacher_ids, groups=groups, targets=targets)
 
-    def project(self, sample: TeacherSample, scores, student_prompt_len: int, student_response_len: int) -> ProjectedScores:
+    def project(
+        self, sample: TeacherSample, scores, student_prompt_len: int, student_response_len: int
+    ) -> ProjectedScores:
         """The teacher's prefill of ``sample.prompt_ids + sample.response_ids`` (``scores``:
         :class:`verl_npd.rollout.scoring.PromptScores`) on the rows of the student's sequence of
         ``student_prompt_len + student_response_len`` tokens."""
@@ -390,8 +394,10 @@ class CrossTokenizer:
             log_prob = float(log_prob - given)
             if student_id == UNMATCHED:
                 unmatched.append(log_prob)
+            elif student_id in merged:
+                merged[student_id] = float(torch.logaddexp(torch.tensor(merged[student_id]), torch.tensor(log_prob)))
             else:
-                merged[student_id] = float(torch.logaddexp(torch.tensor(merged[student_id]), torch.tensor(log_prob))) if student_id in merged else log_prob
+                merged[student_id] = log_prob
         student_ids = [*merged, *[UNMATCHED] * len(unmatched)]
         values = [*merged.values(), *unmatched]
         return torch.tensor(student_ids, dtype=torch.int32), torch.tensor(values, dtype=torch.float32)

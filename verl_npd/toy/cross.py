@@ -218,6 +218,9 @@ def _build(out_dir: str, world, config: BuildConfig, *, quiet: bool) -> None:
         }
         with open(os.path.join(out_dir, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        log(f"{manifest['parameters']:,} parameters, val accuracy {accuracy:.3f}, built in {manifest['build_seconds']:.0f}s")
+        log(
+            f"{manifest['parameters']:,} parameters, val accuracy {accuracy:.3f}, "
+            f"built in {manifest['build_seconds']:.0f}s"
+        )
     finally:
         torch.set_num_threads(previous_threads)

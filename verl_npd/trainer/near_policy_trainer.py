@@ -226,6 +226,7 @@ class NearPolicyTrainer(RayPPOTrainer):
 
             # The routing key, as verl's teacher manager keys its replicas.
             ((key, teacher),) = omega_conf_to_dataclass(self.config.distillation).teacher_models.items()
+            trust = bool(self.config.actor_rollout_ref.model.get("trust_remote_code", False))
             return {
                 key: HTTPTeacher(
                     served.urls,
@@ -240,7 +241,7 @@ class NearPolicyTrainer(RayPPOTrainer):
                     # The teacher's own tokenizer across tokenizers: its ids are the teacher's.
                     num_valid_tokens=len(self.tokenizer)
                     if not self.npd.cross_tokenizer.enabled
-                    else len(load_tokenizer(teacher.model_path, bool(self.config.actor_rollout_ref.model.get("trust_remote_code", False)))),
+                    else len(load_tokenizer(teacher.model_path, trust)),
                 )
             }
         teachers = self.teacher_model_manager.distillation_config.teacher_models
