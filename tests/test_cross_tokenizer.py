@@ -469,3 +469,26 @@ def test_one_tokenizer_through_the_cross_path_gives_the_plain_loss(toy_world, mo
 def test_the_unmatched_constant_is_shared():
     # rollout/ does not import losses/: each states it, and they must agree.
     assert cross.UNMATCHED == cross_loss.UNMATCHED
+
+
+def test_checkpointed_samples_keep_their_span(tmp_path):
+    """A resumed run trains buffered samples as they were scored: across tokenizers, with their span."""
+    from verl_npd.rollout.async_manager import GeneratedSample, PromptItem
+    from verl_npd.rollout.buffer import Sample
+    from verl_npd.rollout.sample_io import load_samples, save_samples
+
+    def sample(span):
+        return GeneratedSample(
+            prompt=PromptItem(3, [1, 2], None, {"data_source": "x"}, messages=[{"role": "user", "content": "q"}]),
+            response_ids=[5, 6], rollout_log_probs=[-0.5, -0.25], version=2, teacher_cond=[-1.0, -2.0, -3.0],
+            teacher_uncond=[-1.5, -2.5, -3.5], behaviour_uncond=[-0.75, -0.5],
+            teacher_topk_ids=torch.tensor([[1, -1], [2, 3], [0, 0]], dtype=torch.int32),
+            teacher_topk_log_probs=torch.tensor([[-0.1, -2.0], [-0.2, -3.0], [0.0, 0.0]]), teacher_span=span,
+        )  # fmt: skip
+
+    save_samples(str(tmp_path / "buffer"), [Sample("a", 2, sample(torch.tensor([0, 1, 0], dtype=torch.int32))),
+                                            Sample("b", 2, sample(None))])  # fmt: skip
+    crossed, plain = (s.payload for s in load_samples(str(tmp_path / "buffer")))
+    assert crossed.teacher_span.tolist() == [0, 1, 0] and plain.teacher_span is None
+    assert crossed.teacher_topk_ids.tolist() == [[1, -1], [2, 3], [0, 0]] and crossed.teacher_cond == [-1.0, -2.0, -3.0]
+    assert crossed.prompt.messages is None  # needed only until scoring
