@@ -407,9 +407,18 @@ class AsyncRolloutManager:
                 cond[i], teacher_uncond[i] = key_cond[j], key_uncond[j]
                 if key_views is not None:
                     views[i] = (self.cross_tokenizers[key], key_views[j])
+        # The teachers' top-k on the students' rows, off the event loop like the tokenization.
+        projections = [None] * len(rollouts)
+        if self.cross_tokenizers:
+            projections = await asyncio.to_thread(
+                lambda: [None if v is None else v[0].project(v[1], c, len(r.prompt.prompt_ids), len(r.response_ids))
+                         for r, c, v in zip(rollouts, cond, views)]  # fmt: skip
+            )
         n_header = len(self.header_ids)
         samples, span_fractions = [], []
-        for r, c, u, b, view in zip(rollouts, cond, teacher_uncond, behaviour_uncond, views, strict=True):
+        for r, c, u, b, view, projected in zip(
+            rollouts, cond, teacher_uncond, behaviour_uncond, views, projections, strict=True
+        ):
             n_prompt = len(r.prompt.prompt_ids)
             teacher_targets = {
                 "teacher_topk_ids": c.topk_ids,
@@ -419,7 +428,6 @@ class AsyncRolloutManager:
             }
             if view is not None:
                 cross, teacher_sample = view
-                projected = cross.project(teacher_sample, c, n_prompt, len(r.response_ids))
                 teacher_targets = {
                     "teacher_topk_ids": projected.topk_ids,
                     "teacher_topk_log_probs": projected.topk_log_probs,

@@ -39,6 +39,7 @@ is the teacher's plain top-k: the loss is the same-tokenizer loss (tested).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -311,8 +312,15 @@ class CrossTokenizer:
         # A response ends with the end-of-turn token, or with the tokenizer's eos where that differs.
         self.student_stops = {self.student_end_of_turn, student.eos_token_id} - {None}
         self.vocabulary = VocabularyMap(student, teacher, self.student_end_of_turn, self.teacher_end_of_turn)
+        # The rollout manager calls it from worker threads, two waves at once: a Hugging Face fast
+        # tokenizer may refuse to be used from two threads at a time ("Already borrowed").
+        self._lock = threading.Lock()
 
     def teacher_sample(self, messages: list[dict], response_ids: Sequence[int]) -> TeacherSample:
+        with self._lock:
+            return self._teacher_sample(messages, response_ids)
+
+    def _teacher_sample(self, messages: list[dict], response_ids: Sequence[int]) -> TeacherSample:
         stopped = bool(response_ids) and response_ids[-1] in self.student_stops
         content = list(response_ids[:-1] if stopped else response_ids)
         text, student_spans = token_char_spans(self.student, content)
@@ -342,6 +350,10 @@ class CrossTokenizer:
         """The teacher's prefill of ``sample.prompt_ids + sample.response_ids`` (``scores``:
         :class:`verl_npd.rollout.scoring.PromptScores`) on the rows of the student's sequence of
         ``student_prompt_len + student_response_len`` tokens."""
+        with self._lock:
+            return self._project(sample, scores, student_prompt_len, student_response_len)
+
+    def _project(self, sample: TeacherSample, scores, student_prompt_len: int, student_response_len: int):
         k = scores.topk_ids.shape[-1]
         rows = student_prompt_len + student_response_len
         ids = torch.full((rows, k), UNMATCHED, dtype=torch.int32)
