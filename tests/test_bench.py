@@ -363,6 +363,31 @@ def test_served_teacher_run_differs_from_npd_only_in_where_its_teacher_is(tmp_pa
     }
 
 
+def test_cross_tokenizer_runs_differ_from_npd_and_sft_only_in_their_teacher(tmp_path):
+    from verl_npd.toy import ensure_toy_world
+    from verl_npd.toy.cross import ensure_cross_teacher
+
+    recipe = Recipe.toy_cpu()
+    npd, cross_npd, cross_sft = select_methods(["npd", "npd_cross_tokenizer", "sft_cross_tokenizer"])
+    configs = []
+    for method in (npd, cross_npd):
+        argv = method_command(method, recipe, TOY_FULL, "/v.parquet", 2, str(tmp_path)).argv
+        overrides = argv[argv.index("--config-name") + 2 :]
+        composed = compose(recipe.npd_config_dir, recipe.npd_config_name, overrides)
+        configs.append(_flat(OmegaConf.to_container(composed, resolve=True)))
+    differences = {key: (configs[0].get(key), configs[1].get(key)) for key in configs[0].keys() | configs[1].keys()}
+    differences = {key: pair for key, pair in differences.items() if pair[0] != pair[1]}
+    teacher_path = "distillation.teacher_models.teacher_model.model_path"
+    assert differences == {
+        teacher_path: (ensure_toy_world().teacher_dir, ensure_cross_teacher().teacher_dir),
+        "npd.cross_tokenizer.enabled": (False, True),
+    }
+    # SFT reads its teacher from the NPD config the benchmark composes for it.
+    bench = Benchmark(recipe, TOY_FULL, [cross_sft], str(tmp_path))
+    assert OmegaConf.select(bench._npd_config(2, method=cross_sft), teacher_path) == ensure_cross_teacher().teacher_dir
+    assert OmegaConf.select(bench._npd_config(2), teacher_path) == ensure_toy_world().teacher_dir
+
+
 def test_served_teacher_is_the_toy_teacher_with_the_methods_threads_and_is_stopped_after(
     toy_world, tmp_path, monkeypatch
 ):

@@ -46,6 +46,14 @@ class Method:
     sizing: str = "steps"
     # Optimizer updates per step as verl logs it (and counts trainer.test_freq in).
     updates_per_step: int = 1
+    # The teacher is the toy's second one, with a tokenizer of its own (verl_npd/toy/cross.py;
+    # ``CROSS_TEACHER_OVERRIDES``; toy only): NPD scores across tokenizers, SFT trains on its text.
+    cross_teacher: bool = False
+
+
+# The toy's second teacher in place of the first, for NPD and for SFT (which reads the teacher from
+# the NPD config).
+CROSS_TEACHER_OVERRIDES = ("distillation.teacher_models.teacher_model.model_path=${npd_toy_cross:teacher_dir}",)
 
 
 METHODS = (
@@ -101,6 +109,16 @@ METHODS = (
         ("ray_kwargs.ray_init.num_gpus=1",),
         served_teacher=True,
     ),
+    # Across tokenizers: the toy's second teacher (another family, digit pairs as tokens, its own chat
+    # template), against NPD from the toy teacher and SFT on the second teacher's text.
+    Method(
+        "npd_cross_tokenizer",
+        "NPD across tokenizers",
+        "npd",
+        ("npd.cross_tokenizer.enabled=true",),
+        cross_teacher=True,
+    ),
+    Method("sft_cross_tokenizer", "SFT on the cross-tokenizer teacher's responses", "sft", cross_teacher=True),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 # What the reference run compares (the goals): NPD against verl's sync and asynchronous OPD
@@ -218,6 +236,7 @@ def method_command(
             f"npd.output_dir={run_dir}",
             # NPD writes its own metrics.jsonl and summary.json.
             "trainer.logger=[console]",
+            *(CROSS_TEACHER_OVERRIDES if method.cross_teacher else ()),
             *method.overrides,
             *served,
         ]  # fmt: skip

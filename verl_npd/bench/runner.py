@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from verl_npd.bench import readers, report
 from verl_npd.bench.methods import (
+    CROSS_TEACHER_OVERRIDES,
     Command,
     Method,
     free_port,
@@ -208,6 +209,8 @@ class Benchmark:
     def _why_skipped(self, method: Method) -> str | None:
         if method.runner == "sft" and not self.recipe.toy:
             return "SFT data is made from the toy teacher; GPU recipes have no SFT run"
+        if method.cross_teacher and not self.recipe.toy:
+            return "the cross-tokenizer teacher is the toy's (verl_npd/toy/cross.py); give a GPU recipe's NPD another teacher with npd.cross_tokenizer.enabled=true"
         if method.served_teacher and not self.recipe.toy:
             return (
                 "the benchmark serves the toy teacher with python -m verl_npd.serve; on GPUs serve the "
@@ -272,8 +275,9 @@ class Benchmark:
 
     # ---- the toy world's own data -------------------------------------------------------------
 
-    def _npd_config(self, seed: int, scale: Scale | None = None):
-        """The NPD config with the benchmark's scale and seed: what SFT copies its settings from."""
+    def _npd_config(self, seed: int, scale: Scale | None = None, method: Method | None = None):
+        """The NPD config with the benchmark's scale and seed: what SFT copies its settings from
+        (``method``: with its teacher)."""
         import verl  # noqa: F401  (loads the verl-npd plugin)
         from hydra import compose, initialize_config_dir
 
@@ -286,7 +290,10 @@ class Benchmark:
         with initialize_config_dir(config_dir=self.recipe.npd_config_dir, version_base=None):
             return compose(
                 config_name=self.recipe.npd_config_name,
-                overrides=run_overrides(scale or self.scale, self.val_files, seed),
+                overrides=[
+                    *run_overrides(scale or self.scale, self.val_files, seed),
+                    *(CROSS_TEACHER_OVERRIDES if method is not None and method.cross_teacher else ()),
+                ],
             )
 
     def _prepare_toy(self) -> None:
@@ -310,7 +317,7 @@ class Benchmark:
         log_path = os.path.join(run_dir, "run.log")
         result = {"seed": seed, "log": os.path.relpath(log_path, self.out_dir)}
         if method.runner == "sft":
-            return {**result, **self._run_sft(seed, run_dir, log_path, desc, threads, trial)}
+            return {**result, **self._run_sft(method, seed, run_dir, log_path, desc, threads, trial)}
         scale = self._trial_scale() if trial else self.scale
         read = readers.read_npd if method.runner == "npd" else partial(
             readers.read_verl,
@@ -363,13 +370,15 @@ class Benchmark:
         outcome = self._outcome(returncode, start_s + wall, log_path, lambda: readers.read_npd(run_dir), trial)
         return {**outcome, "teacher_server_start_s": start_s}
 
-    def _run_sft(self, seed: int, run_dir: str, log_path: str, desc: str, threads: int | None, trial: bool) -> dict:
+    def _run_sft(
+        self, method: Method, seed: int, run_dir: str, log_path: str, desc: str, threads: int | None, trial: bool
+    ) -> dict:
         """Process wall: the teacher's generation (as recorded when it was made), the SFT process and
         the evaluation of its checkpoints. A trial trains on the first batches of the full run's
         responses and evaluates nothing."""
         from verl_npd.bench import toy_data
 
-        config = self._npd_config(seed)
+        config = self._npd_config(seed, method=method)
         n_prompts = config.trainer.total_training_steps * config.data.train_batch_size
         print(f"teacher responses for {n_prompts} training prompts (made once per seed, then cached)", flush=True)
         teacher_dir = config.distillation.teacher_models.teacher_model.model_path
@@ -377,7 +386,7 @@ class Benchmark:
             teacher_dir, config.data.train_files, n_prompts, seed, self.data_dir
         )
         if trial:
-            config = self._npd_config(seed, self._trial_scale())
+            config = self._npd_config(seed, self._trial_scale(), method)
         command = sft_command(config, responses, run_dir, threads, save=not trial)
         steps = config.trainer.total_training_steps
         returncode, wall = run_command(command, log_path, steps, desc)

@@ -149,8 +149,11 @@ class DeltaIFDFilter:
         teacher: IFDScores | None = None,
         behaviour: IFDScores | None = None,
         student: IFDScores | None = None,
+        num_tokens: torch.Tensor | None = None,
     ) -> FilterDecision:
-        delta = delta_ifd(self.config.mode, teacher=teacher, behaviour=behaviour, student=student)
+        """``num_tokens``: the responses' token counts when the IFDs were computed in different
+        tokenizations (:func:`verl_npd.filters.ifd.delta_ifd`)."""
+        delta = delta_ifd(self.config.mode, teacher=teacher, behaviour=behaviour, student=student, num_tokens=num_tokens)
         return filter_delta_ifd(self.config, delta, teacher_ifd=teacher)
 
 

@@ -132,14 +132,23 @@ def delta_ifd(
     teacher: IFDScores | None = None,
     behaviour: IFDScores | None = None,
     student: IFDScores | None = None,
+    num_tokens: torch.Tensor | None = None,
 ) -> DeltaIFD:
     """Δ-IFD of ``mode`` (see the module docstring) from the IFDs it needs.
 
     A sample's status is the first exclusion (in ``EXCLUSIONS`` order) of any IFD it uses, else
     ``nonfinite`` if Δ itself is not finite (``log_ratio`` with IFD = 0, i.e. s(y|x) = 0), else ok.
+
+    ``num_tokens``: the response's token count when the two IFDs were computed in different
+    tokenizations (a teacher with a tokenizer of its own, docs/algorithm.md "Across tokenizers"):
+    each IFD is then a ratio over its own tokens, and Δ carries these counts (the trained
+    tokenization's). None: both IFDs must count the same tokens.
     """
     first, second = _delta_operands(mode, teacher=teacher, behaviour=behaviour, student=student)
-    if not torch.equal(first.num_tokens, second.num_tokens):
+    if num_tokens is not None:
+        if num_tokens.shape != first.num_tokens.shape:
+            raise ValueError(f"num_tokens has shape {tuple(num_tokens.shape)}, the IFDs {tuple(first.num_tokens.shape)}")
+    elif not torch.equal(first.num_tokens, second.num_tokens):
         raise ValueError("the two IFDs of Δ-IFD were computed over different responses (token counts differ)")
     both_ok = first.valid & second.valid
     if mode == "log_ratio":
@@ -150,7 +159,8 @@ def delta_ifd(
     inputs_status = tuple(_worst(a, b) for a, b in zip(first.status, second.status))
     status = tuple(NONFINITE if s == OK and not torch.isfinite(v) else s for s, v in zip(inputs_status, raw))
     ok = ok_mask(status)
-    return DeltaIFD(mode=mode, values=torch.where(ok, raw, 0.0), status=status, num_tokens=first.num_tokens)
+    counts = first.num_tokens if num_tokens is None else num_tokens
+    return DeltaIFD(mode=mode, values=torch.where(ok, raw, 0.0), status=status, num_tokens=counts)
 
 
 def delta_ifd_operands(mode: str) -> tuple[str, str]:

@@ -334,6 +334,7 @@ def per_token_distillation_loss(
     loss_mode: LossMode,
     settings: NPDLossConfig | None = None,
     target_ids: torch.Tensor | None = None,
+    entry_mask: torch.Tensor | None = None,
     *,
     topk: int | None = None,
     chunk_size: int = 4096,
@@ -349,6 +350,11 @@ def per_token_distillation_loss(
             'ce' (hard-label cross-entropy on the sampled token, weighted by the teacher's probability of it).
         settings: ``npd.loss`` (tail mode, beta); None: its defaults.
         target_ids: ``[...]`` the sampled next tokens; required for ``loss_mode='ce'``.
+        entry_mask: ``[..., K]`` bool, the entries that take part (None: all). The loss is that of
+            the kept entries alone, as if the others were not in K (their ids may be anything): the
+            teacher's and the student's probabilities there are zero in every mode, and the bucket
+            tail is the mass outside the kept ids. The cross-tokenizer loss leaves out the
+            teacher's entries that have no student id.
         topk: use only the first ``topk`` (highest-ranked) teacher entries per token; None: every entry
             the teacher returned (verl's ``distillation_loss.topk`` decides how many that is).
         chunk_size: tokens per chunk when the student's log-probs are gathered from the logits (see
@@ -365,6 +371,15 @@ def per_token_distillation_loss(
             raise ValueError(f"topk must be >= 1 or None, got {topk}")
         teacher_topk_ids = teacher_topk_ids[..., :topk]
         teacher_topk_log_probs = teacher_topk_log_probs[..., :topk]
+        entry_mask = None if entry_mask is None else entry_mask[..., :topk]
+    if entry_mask is not None:
+        # A left-out entry takes the id of its row's first kept entry: gathered twice, that id's
+        # student mass stays out of the bucket tail once, as it should; its log-probs are zeroed below.
+        # A row with nothing kept has a zero loss; its ids need only be valid.
+        first_kept = teacher_topk_ids.gather(-1, entry_mask.long().argmax(dim=-1, keepdim=True))
+        first_kept = torch.where(entry_mask.any(dim=-1, keepdim=True), first_kept, torch.zeros_like(first_kept))
+        teacher_topk_ids = torch.where(entry_mask, teacher_topk_ids, first_kept)
+        teacher_topk_log_probs = teacher_topk_log_probs.masked_fill(~entry_mask, float("-inf"))
     dtype = _compute_dtype(student_logits, teacher_topk_log_probs)
     teacher_topk_log_probs = teacher_topk_log_probs.to(dtype)
     num_teacher = teacher_topk_ids.shape[-1]
@@ -376,6 +391,8 @@ def per_token_distillation_loss(
         ids = torch.cat([teacher_topk_ids, target_ids.unsqueeze(-1).to(teacher_topk_ids.dtype)], dim=-1)
         log_probs, _ = student_log_probs_at(student_logits, ids, chunk_size=chunk_size)
         student_topk, student_target = log_probs[..., :num_teacher], log_probs[..., num_teacher]
+        if entry_mask is not None:
+            student_topk = student_topk.masked_fill(~entry_mask, LOG_PROB_FLOOR)
         teacher_target = teacher_log_prob_of(teacher_topk_ids, teacher_topk_log_probs, target_ids)
         loss = teacher_weighted_ce(student_target, teacher_target)
     else:
@@ -385,6 +402,8 @@ def per_token_distillation_loss(
             with_tail=settings.tail_mode == "bucket",
             chunk_size=chunk_size,
         )
+        if entry_mask is not None:
+            student_topk = student_topk.masked_fill(~entry_mask, LOG_PROB_FLOOR)
         if loss_mode == "forward_kl_topk":
             loss = forward_kl_topk(student_topk, teacher_topk_log_probs, student_tail, settings.tail_mode)
         elif loss_mode == "reverse_kl_topk":

@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from verl_npd.losses.cross_tokenizer import SPAN_KEY, ULD_WEIGHT_KEY, cross_tokenizer_loss
 from verl_npd.losses.distill import NPDLossConfig, per_token_distillation_loss
 from verl_npd.platform.verl_version import apply_once
 
@@ -85,6 +86,8 @@ LOSS_NAMES: dict[str, str] = {
 LOSS_KEY = "npd_distillation_losses"
 STUDENT_MASS_KEY = "npd_student_mass"
 TEACHER_MASS_KEY = "npd_teacher_mass"
+# Across tokenizers only: the ULD term of the loss (docs/algorithm.md, "Across tokenizers").
+ULD_KEY = "npd_uld"
 
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2", "veomni")
 
@@ -144,6 +147,8 @@ def compute_npd_topk_outputs(
         teacher_ids = slice_input_tensor(teacher_ids, dim=1)
         target_ids = slice_input_tensor(target_ids, dim=1)
 
+    if SPAN_KEY in data.keys():
+        return _cross_tokenizer_outputs(data, student_logits, teacher_ids, teacher_log_probs, target_ids, loss_config)
     output = per_token_distillation_loss(
         student_logits=student_logits,
         teacher_topk_ids=teacher_ids,
@@ -158,6 +163,35 @@ def compute_npd_topk_outputs(
         LOSS_KEY: output.loss,
         STUDENT_MASS_KEY: output.student_topk_mass,
         TEACHER_MASS_KEY: output.teacher_topk_mass,
+    }
+
+
+def _cross_tokenizer_outputs(data, student_logits, teacher_ids, teacher_log_probs, target_ids, loss_config):
+    """The NPD trainer's batches scored across tokenizers carry the per-row span (``SPAN_KEY``) and
+    the ULD weight: :func:`verl_npd.losses.cross_tokenizer.cross_tokenizer_loss` instead."""
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size
+
+    if get_ulysses_sequence_parallel_world_size() > 1:
+        # A span's rows are scored together, and Ulysses would split them over ranks.
+        raise NotImplementedError("npd.cross_tokenizer does not support Ulysses sequence parallelism")
+    output = cross_tokenizer_loss(
+        student_logits=student_logits,
+        teacher_ids=teacher_ids,
+        teacher_log_probs=teacher_log_probs,
+        span=data[SPAN_KEY].values().unsqueeze(0),
+        target_ids=target_ids,
+        loss_mode=LOSS_NAMES[loss_config.loss_mode],
+        settings=env_settings(),
+        topk=loss_config.topk,
+        chunk_size=loss_config.chunked_topk_chunk_size,
+        uld_weight=float(tu.get_non_tensor_data(data=data, key=ULD_WEIGHT_KEY, default=None)),
+    )
+    return {
+        LOSS_KEY: output.loss,
+        STUDENT_MASS_KEY: output.student_topk_mass,
+        TEACHER_MASS_KEY: output.teacher_topk_mass,
+        ULD_KEY: output.uld,
     }
 
 
@@ -191,6 +225,10 @@ def compute_npd_distillation_loss(
             "distillation/teacher_mass": teacher_mass.mean().item(),
             "distillation/teacher_mass_min": Metric(AggregationType.MIN, teacher_mass.min()),
         }
+    if ULD_KEY in model_output:
+        uld = no_padding_2_padding(model_output[ULD_KEY], data)[response_mask]
+        if uld.numel():
+            metrics["npd/cross_tokenizer/uld"] = uld.mean().item()
     if "log_probs" in model_output and "rollout_log_probs" in data.keys():
         metrics["npd/drift_kl"] = Metric(AggregationType.SUM, _drift_sum(model_output, data, response_mask))
     return losses, metrics

@@ -46,6 +46,7 @@ import torch
 
 from verl_npd.filters.ifd import ifd_from_nll, mean_token_nll
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer, Sample
+from verl_npd.rollout.cross_tokenizer import CrossTokenizer
 from verl_npd.rollout.scoring import ServerPool, call_with_retries
 
 logger = logging.getLogger("verl_npd")
@@ -106,6 +107,10 @@ class PromptItem:
     prompt_ids: list[int]
     routing_key: str | None
     extra: dict[str, Any]
+    # The chat messages the prompt was rendered from: a teacher with a tokenizer of its own renders
+    # them with its chat template (npd.cross_tokenizer). Needed only until the sample is scored, so
+    # checkpoints do not keep them.
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -134,6 +139,10 @@ class GeneratedSample:
     teacher_uncond: list[float]  # log p_T(y_i | header, y_<i)
     behaviour_uncond: list[float]  # log p_B(y_i | header, y_<i)
     spans_sync: bool = False
+    # Across tokenizers (npd.cross_tokenizer): [S] int32, the student tokens each row's target covers
+    # (verl_npd.rollout.cross_tokenizer); teacher_cond and teacher_uncond are then over the teacher's
+    # own tokens of the response. None: the teacher scored the student's tokens.
+    teacher_span: torch.Tensor | None = None
 
 
 class AsyncRolloutManager:
@@ -158,7 +167,10 @@ class AsyncRolloutManager:
         request_timeout_s: float,
         max_retries: int,
         seed: int,
+        cross_tokenizers: dict[str, CrossTokenizer] | None = None,
     ):
+        """``cross_tokenizers``: per teacher key, how that teacher reads the student's samples in its
+        own tokens (``npd.cross_tokenizer``); a teacher without one is fed the student's ids."""
         self.student_generation_client = student_generation_client
         self.student_scorer = student_scorer
         self.teacher_scorers = teacher_scorers
@@ -175,6 +187,12 @@ class AsyncRolloutManager:
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
         self.seed = seed
+        self.cross_tokenizers = dict(cross_tokenizers or {})
+        if self.cross_tokenizers and set(self.cross_tokenizers) != set(teacher_scorers):
+            raise ValueError(
+                f"cross-tokenizer views for teachers {sorted(self.cross_tokenizers)}, but the teachers are "
+                f"{sorted(teacher_scorers)}: each one needs its own"
+            )
 
         self._lock = threading.Lock()
         self._in_flight_positions: set[int] = set()
@@ -287,7 +305,7 @@ class AsyncRolloutManager:
             *[self._generate(prompt, j, version) for prompt in prompts for j in range(self.samples_per_prompt)]
         )
         generated_at = time.monotonic()
-        generated, teacher_s = await self._score(rollouts)
+        generated, teacher_s, score_metrics = await self._score(rollouts)
         decision = self._filter(generated)
         keep = decision.keep.tolist()
         kept = [Sample(uid=uuid.uuid4().hex, version=g.version, payload=g) for g, k in zip(generated, keep) if k]
@@ -305,6 +323,7 @@ class AsyncRolloutManager:
             metrics["npd/wave_prompts"] = float(len(positions))
             metrics["npd/response_length_mean"] = float(np.mean([len(g.response_ids) for g in generated]))
             metrics["npd/spans_sync_fraction"] = float(np.mean([g.spans_sync for g in generated]))
+            metrics.update(score_metrics)
             self._metrics.append(metrics)
 
     def _filter(self, generated: list[GeneratedSample]):
@@ -313,7 +332,11 @@ class AsyncRolloutManager:
 
         teacher = scores([g.teacher_cond for g in generated], [g.teacher_uncond for g in generated])
         behaviour = scores([g.rollout_log_probs for g in generated], [g.behaviour_uncond for g in generated])
-        return self.sample_filter(teacher=teacher, behaviour=behaviour)
+        if not self.cross_tokenizers:
+            return self.sample_filter(teacher=teacher, behaviour=behaviour)
+        # A teacher's IFD over its own tokens (docs/algorithm.md, "Across tokenizers"); the sample's
+        # length is the student's.
+        return self.sample_filter(teacher=teacher, behaviour=behaviour, num_tokens=behaviour.num_tokens)
 
     def sampling_seed(self, position: int, sample_index: int) -> int:
         """Each sample draws from its own seeded generator (vLLM's per-request ``seed``), so what
@@ -340,10 +363,13 @@ class AsyncRolloutManager:
             spans_sync=spans_sync,
         )
 
-    async def _score(self, rollouts: list[Rollout]) -> tuple[list[GeneratedSample], float]:
+    async def _score(self, rollouts: list[Rollout]) -> tuple[list[GeneratedSample], float, dict[str, float]]:
         """Score a wave: the teacher's prefill of every prompt+response (top-k and actual tokens) and
-        the unconditional prefills of teacher and student, all concurrently. Returns the samples and
-        the teacher's share of the time (its slowest call)."""
+        the unconditional prefills of teacher and student, all concurrently. Returns the samples,
+        the teacher's share of the time (its slowest call) and metrics of the scoring.
+
+        A teacher with a tokenizer of its own (``cross_tokenizers``) prefills the sample in its own
+        tokens (its chat template, its header), and its top-k is projected onto the student's rows."""
         unconditional = [self.header_ids + r.response_ids for r in rollouts]
         by_teacher: dict[str, list[int]] = {}
         for i, r in enumerate(rollouts):
@@ -352,13 +378,22 @@ class AsyncRolloutManager:
         async def teacher_scores(key: str, indices: list[int]):
             started = time.monotonic()
             scorer = self.teacher_scorers[key]
+            cross = self.cross_tokenizers.get(key)
+            if cross is None:
+                views = None
+                conditional = [rollouts[i].prompt.prompt_ids + rollouts[i].response_ids for i in indices]
+                header_only = [unconditional[i] for i in indices]
+            else:
+                views = await asyncio.to_thread(
+                    lambda: [cross.teacher_sample(rollouts[i].prompt.messages, rollouts[i].response_ids)
+                             for i in indices]  # fmt: skip
+                )
+                conditional = [v.prompt_ids + v.response_ids for v in views]
+                header_only = [cross.teacher_header_ids + v.response_ids for v in views]
             cond, uncond = await asyncio.gather(
-                scorer.score(
-                    [rollouts[i].prompt.prompt_ids + rollouts[i].response_ids for i in indices], self.teacher_topk
-                ),
-                scorer.score([unconditional[i] for i in indices], 0),
+                scorer.score(conditional, self.teacher_topk), scorer.score(header_only, 0)
             )
-            return cond, uncond, time.monotonic() - started
+            return cond, uncond, views, time.monotonic() - started
 
         behaviour_uncond, *per_teacher = await asyncio.gather(
             self.student_scorer.score(unconditional, 0),
@@ -366,13 +401,42 @@ class AsyncRolloutManager:
         )
         cond: list = [None] * len(rollouts)
         teacher_uncond: list = [None] * len(rollouts)
-        for indices, (key_cond, key_uncond, _) in zip(by_teacher.values(), per_teacher, strict=True):
-            for i, c, u in zip(indices, key_cond, key_uncond, strict=True):
-                cond[i], teacher_uncond[i] = c, u
+        views: list = [None] * len(rollouts)
+        for (key, indices), (key_cond, key_uncond, key_views, _) in zip(by_teacher.items(), per_teacher, strict=True):
+            for j, i in enumerate(indices):
+                cond[i], teacher_uncond[i] = key_cond[j], key_uncond[j]
+                if key_views is not None:
+                    views[i] = (self.cross_tokenizers[key], key_views[j])
+        # The teachers' top-k on the students' rows, off the event loop like the tokenization.
+        projections = [None] * len(rollouts)
+        if self.cross_tokenizers:
+            projections = await asyncio.to_thread(
+                lambda: [None if v is None else v[0].project(v[1], c, len(r.prompt.prompt_ids), len(r.response_ids))
+                         for r, c, v in zip(rollouts, cond, views)]  # fmt: skip
+            )
         n_header = len(self.header_ids)
-        samples = []
-        for r, c, u, b in zip(rollouts, cond, teacher_uncond, behaviour_uncond, strict=True):
+        samples, span_fractions = [], []
+        for r, c, u, b, view, projected in zip(
+            rollouts, cond, teacher_uncond, behaviour_uncond, views, projections, strict=True
+        ):
             n_prompt = len(r.prompt.prompt_ids)
+            teacher_targets = {
+                "teacher_topk_ids": c.topk_ids,
+                "teacher_topk_log_probs": c.topk_log_probs,
+                "teacher_cond": c.token_log_probs[n_prompt - 1 :],
+                "teacher_uncond": u.token_log_probs[n_header - 1 :],
+            }
+            if view is not None:
+                cross, teacher_sample = view
+                teacher_targets = {
+                    "teacher_topk_ids": projected.topk_ids,
+                    "teacher_topk_log_probs": projected.topk_log_probs,
+                    "teacher_span": projected.span,
+                    # The teacher's IFD terms over its own tokens of the response.
+                    "teacher_cond": c.token_log_probs[len(teacher_sample.prompt_ids) - 1 :],
+                    "teacher_uncond": u.token_log_probs[len(cross.teacher_header_ids) - 1 :],
+                }
+                span_fractions.append(teacher_sample.span_token_fraction)
             samples.append(
                 GeneratedSample(
                     prompt=r.prompt,
@@ -380,14 +444,14 @@ class AsyncRolloutManager:
                     rollout_log_probs=r.log_probs,
                     version=r.version,
                     spans_sync=r.spans_sync,
-                    teacher_topk_ids=c.topk_ids,
-                    teacher_topk_log_probs=c.topk_log_probs,
-                    teacher_cond=c.token_log_probs[n_prompt - 1 :],
-                    teacher_uncond=u.token_log_probs[n_header - 1 :],
                     behaviour_uncond=b.token_log_probs[n_header - 1 :],
+                    **teacher_targets,
                 )
             )
-        return samples, max(seconds for _, _, seconds in per_teacher)
+        metrics = {}
+        if span_fractions:
+            metrics["npd/cross_tokenizer/span_token_fraction"] = float(np.mean(span_fractions))
+        return samples, max(seconds for *_, seconds in per_teacher), metrics
 
     def _teacher_key(self, routing_key: str | None) -> str:
         if len(self.teacher_scorers) == 1:

@@ -12,6 +12,8 @@ from verl_npd.rollout.async_manager import GeneratedSample, PromptItem
 from verl_npd.rollout.buffer import Sample
 
 _TENSOR_FIELDS = ("teacher_topk_ids", "teacher_topk_log_probs")
+# Tensors only some samples have (None otherwise): the span of a teacher with its own tokenizer.
+_OPTIONAL_TENSOR_FIELDS = ("teacher_span",)
 _LIST_FIELDS = ("response_ids", "rollout_log_probs", "teacher_cond", "teacher_uncond", "behaviour_uncond")
 
 
@@ -22,6 +24,9 @@ def save_samples(path: str, samples: list[Sample]) -> None:
         g: GeneratedSample = sample.payload
         for name in _TENSOR_FIELDS:
             tensors[f"{i}.{name}"] = getattr(g, name).contiguous()
+        for name in _OPTIONAL_TENSOR_FIELDS:
+            if getattr(g, name) is not None:
+                tensors[f"{i}.{name}"] = getattr(g, name).contiguous()
         records.append(
             {
                 "uid": sample.uid,
@@ -56,6 +61,7 @@ def load_samples(path: str) -> list[Sample]:
             spans_sync=r["spans_sync"],
             **{name: r[name] for name in _LIST_FIELDS},
             **{name: tensors[f"{i}.{name}"] for name in _TENSOR_FIELDS},
+            **{name: tensors.get(f"{i}.{name}") for name in _OPTIONAL_TENSOR_FIELDS},
         )
         samples.append(Sample(uid=r["uid"], version=r["version"], payload=generated))
     return samples

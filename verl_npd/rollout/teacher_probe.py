@@ -47,15 +47,20 @@ def probe_served_teacher(
     topk: int,
     student_tokenizer,
     timeout_s: float,
+    whose: str = "student",
 ) -> None:
-    """Probe every URL (module docstring); raises :class:`TeacherProbeError` at the first problem."""
+    """Probe every URL (module docstring); raises :class:`TeacherProbeError` at the first problem.
+
+    ``student_tokenizer`` is the tokenizer the teacher must have, ``whose`` says whose it is: the
+    ``"student"``'s, or across tokenizers (``npd.cross_tokenizer``) the ``"teacher"``'s own (at its
+    ``distillation.teacher_models`` model_path)."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     wire = TEACHER_APIS[api]
     text = probe_text(student_tokenizer)
     for url in urls:
-        probe = _Probe(url.rstrip("/"), wire, headers, timeout_s)
+        probe = _Probe(url.rstrip("/"), wire, headers, timeout_s, whose)
         probe.check_model(model)
         probe.check_tokenizer(model, text, student_tokenizer)
         probe.check_scoring(model, topk, student_tokenizer, text)
@@ -71,8 +76,20 @@ def probe_text(tokenizer) -> str:
 
 
 class _Probe:
-    def __init__(self, url: str, wire, headers: dict[str, str], timeout_s: float):
+    def __init__(self, url: str, wire, headers: dict[str, str], timeout_s: float, whose: str):
         self.url, self.wire, self.headers, self.timeout_s = url, wire, headers, timeout_s
+        # Whose tokenizer the server must have, and how to give it that.
+        self.owner, self.fix = {
+            "student": (
+                "the student (actor_rollout_ref.model.path)",
+                "the teacher is fed the student's token ids, so serve a teacher with the student's tokenizer (or "
+                "set npd.cross_tokenizer.enabled=true)",
+            ),
+            "teacher": (
+                "the tokenizer at its distillation.teacher_models model_path",
+                "the samples are re-tokenised with that tokenizer, so serve the model it belongs to",
+            ),
+        }[whose]
 
     def fail(self, why: str) -> TeacherProbeError:
         return TeacherProbeError(f"npd.teacher.url: the teacher at {self.url} {why}")
@@ -124,7 +141,7 @@ class _Probe:
             where = "its URL does not end in /v1, beside which vLLM serves /tokenize" if url is None else f"{url}: 404"
             print(
                 f"verl-npd: npd.teacher.url: the teacher at {self.url} has no /tokenize to ask ({where}), so its "
-                "tokenizer is not compared with the student's",
+                f"tokenizer is not compared with {self.owner}",
                 file=sys.stderr,
             )
             return
@@ -137,10 +154,8 @@ class _Probe:
                 (i for i, (t, s) in enumerate(zip(teacher_ids, student_ids)) if t != s), min(len(teacher_ids), len(student_ids))
             )
             raise self.fail(
-                f"tokenizes differently from the student (actor_rollout_ref.model.path): a probe text of the "
-                f"student's vocabulary is {len(teacher_ids)} ids there and {len(student_ids)} for the student, "
-                f"first different at position {first}; the teacher is fed the student's token ids, so serve a "
-                "teacher with the student's tokenizer"
+                f"tokenizes differently from {self.owner}: a probe text of that vocabulary is {len(teacher_ids)} ids "
+                f"there and {len(student_ids)} by that tokenizer, first different at position {first}; {self.fix}"
             )
 
     def check_scoring(self, model: str | None, topk: int, student_tokenizer, text: str) -> None:
@@ -161,9 +176,8 @@ class _Probe:
             )
         if _OUT_OF_VOCABULARY in message:
             raise self.fail(
-                f"refuses the student's token id {len(student_tokenizer) - 1} ({message[:120]}): its vocabulary is "
-                f"smaller than the student's {len(student_tokenizer)} tokens; serve a teacher with the student's "
-                "tokenizer"
+                f"refuses the token id {len(student_tokenizer) - 1} ({message[:120]}): its vocabulary is smaller than "
+                f"the {len(student_tokenizer)} tokens of {self.owner}; {self.fix}"
             )
         if status != 200:
             raise self.fail(f"answered a scoring probe (POST {endpoint}) with HTTP {status}: {message[:300]}")

@@ -228,6 +228,37 @@ class PackingConfig:
 
 
 @dataclass
+class CrossTokenizerConfig:
+    """``npd.cross_tokenizer``: distil from a teacher whose tokenizer differs from the student's
+    (docs/algorithm.md, "Across tokenizers")."""
+
+    enabled: bool = field(
+        default=False,
+        metadata={
+            "help": "Score each sample in the teacher's own tokens: the student's response is decoded, the prompt's "
+            "messages rendered with the teacher's chat template and the text re-tokenised with the teacher's "
+            "tokenizer; the teacher's top-k is mapped back onto the student's tokens by character offsets (each "
+            "candidate on the student token its text starts with, given what is already written). The loss is "
+            "the configured loss on the candidates the student can write plus uld_weight times ULD where it "
+            "cannot (student tokens that cross the teacher's, byte pieces). Needed when the teacher's vocabulary "
+            "differs from the student's; with the same tokenizer it gives the same loss as without it."
+        },
+    )
+    uld_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the ULD term (L1 distance of the sorted probabilities of the teacher's entries the "
+            "student cannot write and the student's largest probabilities) against the configured loss on the "
+            "entries it can. 0 trains only on the latter."
+        },
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.uld_weight < float("inf"):
+            raise ValueError(f"npd.cross_tokenizer.uld_weight must be a finite number >= 0, got {self.uld_weight}")
+
+
+@dataclass
 class NPDConfig:
     """``npd``: Near-Policy Distillation settings (see docs/algorithm.md)."""
 
@@ -262,6 +293,7 @@ class NPDConfig:
     packing: PackingConfig = field(default_factory=PackingConfig)
     loss: NPDLossConfig = field(default_factory=NPDLossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cross_tokenizer: CrossTokenizerConfig = field(default_factory=CrossTokenizerConfig)
 
     def __post_init__(self):
         if self.shutdown_timeout_s <= 0:

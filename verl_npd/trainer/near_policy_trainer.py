@@ -41,6 +41,7 @@ from verl.workers.utils.padding import left_right_2_no_padding
 
 from verl_npd.filters.delta_ifd import DeltaIFDFilter
 from verl_npd.filters.ifd import TokenizerInfo, render_chat_ids
+from verl_npd.losses.cross_tokenizer import SPAN_KEY as CROSS_SPAN_KEY, ULD_WEIGHT_KEY
 from verl_npd.trainer.packing import pack_for_ranks, packing_efficiency, rank_major_order
 from verl_npd.trainer.packed_micro_batches import MICRO_BATCH_KEY
 from verl_npd.rollout.async_manager import AsyncRolloutManager, GeneratedSample, PromptItem, PromptStream
@@ -142,6 +143,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             prompt_ids=prompt_ids,
             routing_key=None if routing_key is None else str(routing_key),
             extra={"data_source": str(row.get("data_source"))},
+            messages=[dict(message) for message in row["raw_prompt"]] if self.npd.cross_tokenizer.enabled else None,
         )
 
     def _expected_keep_fraction(self) -> float:
@@ -191,7 +193,27 @@ class NearPolicyTrainer(RayPPOTrainer):
             request_timeout_s=generation.request_timeout_s,
             max_retries=generation.max_retries,
             seed=self.stream.seed,
+            cross_tokenizers=self._cross_tokenizers(),
         )
+
+    def _cross_tokenizers(self) -> dict:
+        """With ``npd.cross_tokenizer.enabled``, how each teacher reads the student's samples in its
+        own tokens (its tokenizer from its ``model_path``); empty otherwise."""
+        if not self.npd.cross_tokenizer.enabled:
+            return {}
+        from verl.utils.config import omega_conf_to_dataclass
+
+        from verl_npd.rollout.cross_tokenizer import CrossTokenizer
+        from verl_npd.tokenizers import load_tokenizer
+
+        trust = bool(self.config.actor_rollout_ref.model.get("trust_remote_code", False))
+        kwargs = chat_template_kwargs(self.config.data)
+        # Keyed as verl keys its teacher replicas (each teacher's routing key, not its YAML name).
+        teachers = omega_conf_to_dataclass(self.config.distillation).teacher_models
+        return {
+            key: CrossTokenizer(self.tokenizer, load_tokenizer(teacher.model_path, trust), **kwargs)
+            for key, teacher in teachers.items()
+        }
 
     def _teacher_scorers(self, pool) -> dict:
         """Each teacher's scorer: its verl replicas, or the teacher served at ``npd.teacher.url``."""
@@ -200,9 +222,11 @@ class NearPolicyTrainer(RayPPOTrainer):
             from verl.utils.config import omega_conf_to_dataclass
 
             from verl_npd.rollout.remote_teacher import HTTPTeacher, teacher_api_key
+            from verl_npd.tokenizers import load_tokenizer
 
             # The routing key, as verl's teacher manager keys its replicas.
-            (key,) = omega_conf_to_dataclass(self.config.distillation).teacher_models
+            ((key, teacher),) = omega_conf_to_dataclass(self.config.distillation).teacher_models.items()
+            trust = bool(self.config.actor_rollout_ref.model.get("trust_remote_code", False))
             return {
                 key: HTTPTeacher(
                     served.urls,
@@ -214,7 +238,10 @@ class NearPolicyTrainer(RayPPOTrainer):
                     timeout_s=self.npd.generation.request_timeout_s,
                     max_wait_s=served.max_wait_s,
                     probe_timeout_s=served.probe_timeout_s,
-                    num_valid_tokens=len(self.tokenizer),
+                    # The teacher's own tokenizer across tokenizers: its ids are the teacher's.
+                    num_valid_tokens=len(self.tokenizer)
+                    if not self.npd.cross_tokenizer.enabled
+                    else len(load_tokenizer(teacher.model_path, trust)),
                 )
             }
         teachers = self.teacher_model_manager.distillation_config.teacher_models
@@ -377,6 +404,7 @@ class NearPolicyTrainer(RayPPOTrainer):
             truncate=self.npd.packing.truncate,
             temperature=self.config.actor_rollout_ref.rollout.temperature,
             seed=self.global_steps,
+            uld_weight=self.npd.cross_tokenizer.uld_weight,
         )
         self.global_steps += 1
         tokens = sum(packed.lengths)
@@ -536,6 +564,7 @@ def train_packed(
     truncate: bool = False,
     temperature: float,
     seed: int,
+    uld_weight: float | None = None,
 ) -> PackedUpdate:
     """One supervised distillation step of verl's actor on ``samples``: no old-log-prob, ref or
     advantage pass.
@@ -547,6 +576,10 @@ def train_packed(
     normalised by the response tokens of the whole global batch (verl's ``batch_num_tokens``,
     all-reduced over the ranks, times ``dp_size`` against FSDP's gradient mean), so the update does
     not depend on the number of ranks.
+
+    Samples scored across tokenizers (``teacher_span`` set) carry their span per row, nested like the
+    teacher's top-k, and ``uld_weight``: the loss is then the cross-tokenizer loss
+    (:mod:`verl_npd.losses.cross_tokenizer`).
     """
     lengths = [len(s.prompt.prompt_ids) + len(s.response_ids) for s in samples]
     rank_bins = pack_for_ranks(lengths, token_budget, data_parallel_size, truncate=truncate)
@@ -555,6 +588,11 @@ def train_packed(
     batch.batch[MICRO_BATCH_KEY] = torch.tensor(micro_batch, dtype=torch.long)
     batch.meta_info["temperature"] = temperature
     batch_td = left_right_2_no_padding(batch.to_tensordict())
+    if CROSS_SPAN_KEY in batch_td.keys():
+        if uld_weight is None:
+            raise ValueError("samples scored across tokenizers need the ULD weight (npd.cross_tokenizer.uld_weight)")
+        nest_like_input_ids(batch_td, CROSS_SPAN_KEY)
+        tu.assign_non_tensor(batch_td, **{ULD_WEIGHT_KEY: float(uld_weight)})
     tu.assign_non_tensor(
         batch_td,
         calculate_entropy=False,
@@ -591,6 +629,10 @@ def collate_samples(samples: list[GeneratedSample], pad_id: int) -> DataProto:
     rollout_log_probs = torch.zeros((n, response_width), dtype=torch.float32)
     teacher_ids = torch.zeros((n, width, topk), dtype=torch.int32)
     teacher_log_probs = torch.zeros((n, width, topk), dtype=torch.float32)
+    cross = samples[0].teacher_span is not None
+    if any((s.teacher_span is not None) != cross for s in samples):
+        raise ValueError("a batch mixes samples scored across tokenizers with samples scored in the student's tokens")
+    teacher_span = torch.zeros((n, width), dtype=torch.int32) if cross else None
     for i, s in enumerate(samples):
         p, r = len(s.prompt.prompt_ids), len(s.response_ids)
         start, end = prompt_width - p, prompt_width + r
@@ -601,9 +643,13 @@ def collate_samples(samples: list[GeneratedSample], pad_id: int) -> DataProto:
         rollout_log_probs[i, :r] = torch.tensor(s.rollout_log_probs[:r])
         teacher_ids[i, start:end] = s.teacher_topk_ids
         teacher_log_probs[i, start:end] = s.teacher_topk_log_probs
+        if cross:
+            teacher_span[i, start:end] = s.teacher_span
     position_ids = torch.clamp(attention_mask.cumsum(dim=-1) - 1, min=0)
+    cross_tensors = {} if teacher_span is None else {CROSS_SPAN_KEY: teacher_span}
     return DataProto.from_single_dict(
         {
+            **cross_tensors,
             "prompts": input_ids[:, :prompt_width],
             "responses": input_ids[:, prompt_width:],
             "input_ids": input_ids,
@@ -615,6 +661,16 @@ def collate_samples(samples: list[GeneratedSample], pad_id: int) -> DataProto:
             "teacher_logprobs": teacher_log_probs,
         }
     )
+
+
+def nest_like_input_ids(batch_td, key: str) -> None:
+    """``batch_td[key]``, [bsz, seq_len] left-right padded, as a nested tensor of the real tokens,
+    as verl's ``left_right_2_no_padding`` does the teacher's top-k."""
+    from verl.utils.attention_utils import index_first_axis
+
+    indices = tu.get_non_tensor_data(data=batch_td, key="indices", default=None)
+    values = index_first_axis(batch_td.pop(key).unsqueeze(-1).flatten(0, 1), indices).squeeze(-1)
+    batch_td[key] = torch.nested.nested_tensor_from_jagged(values, offsets=batch_td["input_ids"].offsets())
 
 
 def _mean(value) -> float:

@@ -155,12 +155,37 @@ def student_tokenizer(config: DictConfig, student_path: str):
         raise PreflightError(f"actor_rollout_ref.model.path: {e}") from None
 
 
+def cross_tokenizer_enabled(config: DictConfig) -> bool:
+    return bool(OmegaConf.select(config, "npd.cross_tokenizer.enabled", default=False))
+
+
 def check_teacher_tokenizer(config: DictConfig, field_name: str, teacher_path: str, student) -> None:
+    """The teacher is fed the student's token ids, so both need one vocabulary; across tokenizers
+    (``npd.cross_tokenizer.enabled``) the teacher's own chat template must instead give an assistant
+    header and an end-of-turn token, as the student's must."""
     trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
     try:
-        check_shared_token_ids(load_tokenizer(teacher_path, trust), student)
+        teacher = load_tokenizer(teacher_path, trust)
     except TokenizerError as e:
         raise PreflightError(f"{field_name}: {e}") from None
+    if cross_tokenizer_enabled(config):
+        from verl_npd.filters.ifd import ChatTemplateError, TokenizerInfo
+        from verl_npd.rollout.cross_tokenizer import CrossTokenizerError, end_of_turn_id
+
+        kwargs = dict(config.data.get("apply_chat_template_kwargs", None) or {})
+        for name, tokenizer in ((field_name, teacher), ("actor_rollout_ref.model.path", student)):
+            try:
+                TokenizerInfo.from_tokenizer(tokenizer, **kwargs)
+                end_of_turn_id(tokenizer, **kwargs)
+            except (ChatTemplateError, CrossTokenizerError) as e:
+                raise PreflightError(f"{name}: npd.cross_tokenizer needs its chat template: {e}") from None
+        return
+    try:
+        check_shared_token_ids(teacher, student)
+    except TokenizerError as e:
+        raise PreflightError(
+            f"{field_name}: {e}; set npd.cross_tokenizer.enabled=true to distil across tokenizers"
+        ) from None
 
 
 def memory_problems(config: DictConfig, gpu_memory_bytes: int) -> list[str]:
@@ -658,6 +683,15 @@ def check_served_teacher(config: DictConfig, npd, student_tokenizer) -> None:
     from verl_npd.rollout.remote_teacher import teacher_api_key
     from verl_npd.rollout.teacher_probe import TeacherProbeError, probe_served_teacher
 
+    if npd.cross_tokenizer.enabled:
+        # The served teacher reads its own tokens: its tokenizer is the one at its model_path.
+        (teacher,) = config.distillation.teacher_models.values()
+        trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+        try:
+            student_tokenizer = load_tokenizer(teacher.model_path, trust)
+        except TokenizerError as e:
+            raise PreflightError(f"distillation.teacher_models: {e}") from None
+
     try:
         probe_served_teacher(
             served.urls,
@@ -667,6 +701,7 @@ def check_served_teacher(config: DictConfig, npd, student_tokenizer) -> None:
             config.distillation.distillation_loss.topk,
             student_tokenizer,
             served.probe_timeout_s,
+            whose="teacher" if npd.cross_tokenizer.enabled else "student",
         )
     except (TeacherProbeError, ValueError) as e:
         raise PreflightError(str(e)) from None
