@@ -538,6 +538,26 @@ def test_each_method_keeps_the_thread_split_its_trial_ran_fastest_with(tmp_path,
     assert "| opd | 2 | ok | 1.200 | yes |" in markdown and "| opd | 1 | ok | 1.800 |  |" in markdown
 
 
+def test_a_benchmark_stopped_midway_leaves_the_results_of_the_runs_it_finished(tmp_path, monkeypatch):
+    """results.json is rewritten after every run: interrupted during its second run, the benchmark
+    leaves the first run's results and says how much of the plan they are."""
+
+    def fake_run(self, method, seed, desc, run_dir, threads, trial=False):
+        if method.name == "opd":
+            raise KeyboardInterrupt
+        return {"seed": seed, "status": "failed", "returncode": 1, "process_wall_s": 1.0, "log": "npd.log"}
+
+    monkeypatch.setattr(Benchmark, "_run_method", fake_run)
+    monkeypatch.setattr(Benchmark, "_prepare_toy", lambda self: None)
+    bench = Benchmark(Recipe.toy_cpu(), TOY_MINI, select_methods(["npd", "opd"]), str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["runs completed"] == "1 of 2"
+    assert list(results["methods"]) == ["npd"] and results["methods"]["npd"]["runs"][0]["log"] == "npd.log"
+    assert "- runs completed: 1 of 2" in (tmp_path / "results.md").read_text()
+
+
 def test_results_record_their_commit_and_the_benchmark_refuses_a_dirty_tree_in_docs(tmp_path, monkeypatch):
     from verl_npd.bench import __main__ as cli
     from verl_npd.bench import runner

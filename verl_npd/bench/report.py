@@ -310,7 +310,7 @@ def format_markdown(results: dict) -> str:
         for name, tried in trials.items():
             for trial in tried:
                 per_step = _num(trial.get("train_s_per_step"), "{:.3f}")
-                kept = "yes" if trial["threads"] == results["methods"][name].get("threads") else ""
+                kept = "yes" if trial["threads"] == results["methods"].get(name, {}).get("threads") else ""
                 lines.append(f"| {name} | {trial['threads']} | {trial['status']} | {per_step} | {kept} |")
     lines += ["", "Plots: accuracy_vs_wallclock.png, accuracy_vs_tokens.png, time_breakdown.png", ""]
     return "\n".join(lines)

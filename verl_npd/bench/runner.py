@@ -190,6 +190,8 @@ class Benchmark:
             if fastest is not None:
                 methods[name]["threads"] = fastest["threads"]
         plan = [(seed, m) for seed in self.scale.seed_values for m in runnable]
+        settings = {**self._settings(), **source}
+        results = self._write({**settings, "runs completed": "0 of 0"}, methods, trials) if not plan else {}
         for index, (seed, method) in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {method.name} seed {seed}"
             threads = methods[method.name]["threads"]
@@ -198,12 +200,20 @@ class Benchmark:
             run = self._run_method(method, seed, tag, run_dir, threads)
             methods[method.name]["runs"].append(run)
             print(f"{tag}: {run['status']} in {run['process_wall_s']:.0f} s", flush=True)
-        results = report.build_results({**self._settings(), **source}, self.teacher_accuracy, methods)
+            # Written after every run, so that a benchmark stopped midway leaves what it measured,
+            # saying how much of the plan that is.
+            results = self._write({**settings, "runs completed": f"{index} of {len(plan)}"}, methods, trials)
+        print("\n" + report.format_markdown(results))
+        print(f"written to {self.out_dir}/results.json, results.md and the PNGs")
+        return results
+
+    def _write(self, settings: dict, methods: dict[str, dict], trials: dict[str, list[dict]]) -> dict:
+        """results.{json,md} and the plots of the methods that have run so far."""
+        ran = {name: m for name, m in methods.items() if m.get("status") == "skipped" or m["runs"]}
+        results = report.build_results(settings, self.teacher_accuracy, ran)
         if trials:
             results["thread_trials"] = trials
-        markdown = report.write_results(results, self.out_dir)
-        print("\n" + markdown)
-        print(f"written to {self.out_dir}/results.json, results.md and the PNGs")
+        report.write_results(results, self.out_dir)
         return results
 
     def _why_skipped(self, method: Method) -> str | None:
