@@ -110,7 +110,10 @@ def test_a_served_teacher_scores_in_its_own_tokens(models, served_cross_teacher,
         # The served scores on the student's rows are the forward pass's, projected (the projection
         # is checked by hand in test_cross_tokenizer.py).
         expected = view.project(teacher_sample, reference, len(rollout.prompt.prompt_ids), len(rollout.response_ids))
-        assert torch.equal(sample.teacher_span, expected.span) and (expected.span[-len(rollout.response_ids) - 1 : -1] > 0).all()
+        assert torch.equal(sample.teacher_span, expected.span)
+        # Not all-empty: most response rows carry a target. Some may not: a row inside a teacher
+        # token whose top-k holds no candidate starting with the characters already written.
+        assert (expected.span[-len(rollout.response_ids) - 1 : -1] > 0).float().mean() > 0.75
         torch.testing.assert_close(sample.teacher_topk_ids, expected.topk_ids, rtol=0, atol=0)
         torch.testing.assert_close(sample.teacher_topk_log_probs, expected.topk_log_probs, rtol=0, atol=1e-4)
     assert 0.2 < metrics["npd/cross_tokenizer/span_token_fraction"] < 0.8
@@ -129,13 +132,13 @@ def test_preflight_accepts_another_vocabulary_only_across_tokenizers(cross_teach
     from verl_npd.rollout.teacher_probe import TeacherProbeError, probe_served_teacher
     from verl_npd.trainer.preflight import PreflightError, preflight
 
-    assert preflight(compose("verl_npd/config", "npd_toy_cross"), collect=True) == []
+    assert preflight(compose("verl_npd/config", "npd_toy_cross"), collect=True).problems == []
     with pytest.raises(PreflightError, match=r"tokenizers differ: .*set npd.cross_tokenizer.enabled=true"):
         preflight(compose("verl_npd/config", "npd_toy_cross", ["npd.cross_tokenizer.enabled=false"]))
     # A served teacher: its /tokenize is compared with the tokenizer at its model_path.
     url = [f"http://127.0.0.1:{served_cross_teacher}/v1"]
     served = ["ray_kwargs.ray_init.num_gpus=1", f"npd.teacher.url={url[0]}", "npd.teacher.model=toy"]
-    assert preflight(compose("verl_npd/config", "npd_toy_cross", served), collect=True) == []
+    assert preflight(compose("verl_npd/config", "npd_toy_cross", served), collect=True).problems == []
     from transformers import AutoTokenizer
 
     student = AutoTokenizer.from_pretrained(compose("verl_npd/config", "npd_toy").actor_rollout_ref.model.path)

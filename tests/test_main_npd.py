@@ -20,16 +20,19 @@ def test_default_run_improves_the_student(toy_world, tmp_path):
     result = run_module("verl_npd.main_npd", args, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 200
+    assert summary["steps"] == 250
     assert summary["student_accuracy_before"] is not None and summary["student_accuracy_after"] is not None
-    # The demo's promise: the student ends at 90% of the teacher's accuracy or above (reference runs on
-    # 2 cores: 29.7% -> 95.7% and 96.3%, the teacher at 98.6%).
+    # The demo's promise: the student ends at 90% of the teacher's accuracy or above (the current toy
+    # build on 2 cores: 32.8% -> 91.0% in 250 steps, the teacher at 98.4%, so 88.6% needed).
     assert summary["teacher_accuracy"] > 0.9
     assert summary["student_accuracy_after"] >= 0.9 * summary["teacher_accuracy"], summary
     history = read_jsonl(out / "metrics.jsonl")
-    # The default bound (npd.buffer.max_staleness=2) is reached, never passed, and nothing went stale.
+    # The default bound (npd.buffer.max_staleness=2) is reached and never passed. Under the default
+    # stale policy (wait) a sample goes stale only when a wave keeps more than the filter's running
+    # keep fraction predicts (verl_npd/rollout/buffer.py): rare, not impossible (CI once dropped 1 of
+    # 12,800); the generator's admission control is what keeps it under 1 in 1,000.
     assert max(row["npd/staleness_max"] for row in history) == 2
-    assert summary["buffer"]["dropped_stale"] == 0
+    assert summary["buffer"]["dropped_stale"] <= summary["buffer"]["consumed"] / 1000, summary["buffer"]
     assert all(0 < row["npd/packing_efficiency"] <= 1 for row in history)
     assert all(math.isfinite(row["actor/loss"]) and row["actor/loss"] >= 0 for row in history)
     # The metrics docs/algorithm.md names are logged.
@@ -170,8 +173,8 @@ def test_a_recipes_standalone_layout_gets_exact_weights_through_the_gloo_engine(
 
 
 def test_the_entry_point_imports_the_toy_only_for_a_config_that_uses_it():
-    """main_npd registers the toy's ${npd_toy:...} resolver for a config that uses it (its default,
-    the toy demo), and imports nothing of the toy for any other."""
+    """main_npd registers the toy's ${npd_toy:...} and ${npd_toy_cross:...} resolvers for a config that
+    uses either (the toy demo, the cross-tokenizer demo), and imports nothing of the toy for any other."""
     code = """
 import sys
 from omegaconf import OmegaConf
@@ -182,9 +185,12 @@ def toy_loaded():
 
 assert not toy_loaded(), toy_loaded()
 main_npd.register_toy_resolver_if_used(OmegaConf.create({"data": {"train_files": "/data/train.parquet"}}))
-assert not toy_loaded() and not OmegaConf.has_resolver(main_npd.TOY_RESOLVER), toy_loaded()
-main_npd.register_toy_resolver_if_used(OmegaConf.create({"npd": {"teacher_accuracy": "${npd_toy:teacher_accuracy}"}}))
-from verl_npd.toy.resolvers import RESOLVER_NAME
-assert main_npd.TOY_RESOLVER == RESOLVER_NAME and OmegaConf.has_resolver(RESOLVER_NAME)
+assert not toy_loaded() and not any(OmegaConf.has_resolver(n) for n in main_npd.TOY_RESOLVERS), toy_loaded()
+main_npd.register_toy_resolver_if_used(OmegaConf.create({"teacher": {"path": "${%s:teacher_dir}"}}))
+from verl_npd.toy.resolvers import CROSS_RESOLVER_NAME, RESOLVER_NAME
+assert set(main_npd.TOY_RESOLVERS) == {RESOLVER_NAME, CROSS_RESOLVER_NAME}
+assert OmegaConf.has_resolver(RESOLVER_NAME) and OmegaConf.has_resolver(CROSS_RESOLVER_NAME)
 """
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # Either resolver alone is enough for registration: the demo's and the cross-tokenizer demo's.
+    for name in ("npd_toy", "npd_toy_cross"):
+        subprocess.run([sys.executable, "-c", code % name], check=True)

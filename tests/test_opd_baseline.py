@@ -5,11 +5,9 @@ server's log-probs equal the trainer's."""
 
 import re
 
-import os
+from conftest import run_module
 
-from conftest import REPO, run_module
-
-RECIPE = ["--config-path", os.path.join(REPO, "recipes", "toy_cpu", "config"), "--config-name", "opd_baseline"]
+RECIPE = ["--config-path", "pkg://verl_npd.config.toy_opd", "--config-name", "opd_baseline"]
 
 
 def metric(line: str, name: str) -> float:

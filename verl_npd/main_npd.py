@@ -43,15 +43,16 @@ from verl_npd.trainer.summary import format_summary
 # Before Hydra composes: the npd: section's defaults.
 store_npd_defaults()
 
-# The toy demo's configs (main_npd's default) read the toy world through ${npd_toy:...}
-# (verl_npd/toy/resolvers.py, RESOLVER_NAME). Its resolver is registered only for a config that uses
-# it, so that no other run imports the toy; only this process needs it: run_npd resolves the config
-# before Ray starts.
-TOY_RESOLVER = "npd_toy"
+# The toy demo's configs (main_npd's default) read the toy world through ${npd_toy:...}, and the
+# cross-tokenizer demo its second teacher through ${npd_toy_cross:...} (verl_npd/toy/resolvers.py).
+# The resolvers are registered only for a config that uses one, so that no other run imports the toy;
+# only this process needs them: run_npd resolves the config before Ray starts.
+TOY_RESOLVERS = ("npd_toy", "npd_toy_cross")
 
 
 def register_toy_resolver_if_used(config: DictConfig) -> None:
-    if f"${{{TOY_RESOLVER}:" in OmegaConf.to_yaml(config):  # unresolved: the interpolations as written
+    written = OmegaConf.to_yaml(config)  # unresolved: the interpolations as written
+    if any(f"${{{name}:" in written for name in TOY_RESOLVERS):
         from verl_npd.toy.resolvers import register
 
         register()
@@ -271,8 +272,12 @@ def main(config: DictConfig) -> None:
         print(f"verl-npd: {e}", file=sys.stderr)
         sys.exit(2)
     except ray.exceptions.RayTaskError as e:
-        # The traceback was logged above by Ray; end with the cause on one line.
-        print(f"verl-npd: the run failed: {e.cause!r}", file=sys.stderr)
+        # The traceback was logged above by Ray; end with the innermost cause on one line (an error
+        # raised in a worker reaches here wrapped once per actor it crossed).
+        cause = e.cause
+        while isinstance(cause, ray.exceptions.RayTaskError):
+            cause = cause.cause
+        print(f"verl-npd: the run failed: {cause!r}", file=sys.stderr)
         sys.exit(1)
 
 

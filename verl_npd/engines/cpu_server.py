@@ -613,7 +613,17 @@ class CPUServerAdapter(BaseRollout):
             bucket.append((name, tensor))
             bucket_size += tensor.nbytes
             if bucket_size >= bucket_bytes:
-                await self.server.update_weights.remote(bucket, last=False)
+                await self._push(bucket, last=False)
                 bucket, bucket_size = [], 0
         if self.is_leader_rank:
-            await self.server.update_weights.remote(bucket, global_steps=global_steps, last=True)
+            await self._push(bucket, global_steps=global_steps, last=True)
+
+    async def _push(self, bucket: list[tuple[str, torch.Tensor]], **kwargs: Any) -> None:
+        """Send one bucket; a dead server becomes an error that names it, not a bare ``ActorDiedError``."""
+        try:
+            await self.server.update_weights.remote(bucket, **kwargs)
+        except ray.exceptions.RayActorError as e:
+            name = _server_name(self.replica_rank, False, False, "")
+            raise RuntimeError(
+                f"the weight sync to rollout server {name} failed: its process died ({type(e).__name__})"
+            ) from None
