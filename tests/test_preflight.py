@@ -39,6 +39,10 @@ from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
             "distillation.distillation_loss.chunked_topk_chunk_size=0: npd_forward_kl_topk gathers",
         ),
         (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
+        # A mistyped key fails in one line naming the nearest one (Hydra's own error takes six).
+        (["npd.buffer.capasity=3"], "verl-npd: npd.buffer.capasity: NPD has no such setting; did you mean npd.buffer.capacity?"),
+        # verl would fail after Ray started, with PyTorch's sampler error that names no key.
+        (["data.train_batch_size=0"], "verl-npd: data.train_batch_size=0: must be an integer of 1 or more"),
         (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
         (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
         # A served teacher takes no logical GPU.
@@ -277,6 +281,13 @@ def test_the_students_ifd_terms_must_describe_one_distribution(rollout, accepted
         ({"buffer": {"max_staleness": -1}}, "npd.buffer.max_staleness must be >= 0, got -1"),
         ({"sync_interval": 3, "buffer": {"max_staleness": 1}}, "npd.sync_interval=3 with npd.buffer.max_staleness=1 can starve"),
         ({"buffer": {"stale_policy": "skip"}}, "npd.buffer.stale_policy must be one of ('wait', 'drop'), got 'skip'"),
+        # Types first: a range check on a string would fail naming no key.
+        ({"buffer": {"capacity": "abc"}}, "npd.buffer.capacity='abc': must be an integer"),
+        ({"sync_interval": True}, "npd.sync_interval=True: must be an integer"),
+        ({"verbose": "yes"}, "npd.verbose='yes': must be true or false"),
+        ({"teacher": {"url": ["http://a:1/v1", 3]}}, "npd.teacher.url=['http://a:1/v1', 3]: must be a string or a list of strings or null"),
+        ({"loss": {"tail_mode": "tail"}}, "npd.loss.tail_mode='tail': must be one of ['renorm', 'bucket']"),
+        ({"buffer": 3}, "npd.buffer=3: must be a section of settings (a mapping)"),
     ],
 )
 def test_npd_settings_are_checked_where_they_are_parsed(values, message):
@@ -287,6 +298,66 @@ def test_npd_settings_are_checked_where_they_are_parsed(values, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         NPDConfig.from_mapping(values)
     assert NPDConfig.from_mapping({"sync_interval": 3, "buffer": {"max_staleness": 2}}).sync_interval == 3
+
+
+def test_numbers_may_be_written_as_integers_and_optional_settings_as_null():
+    from verl_npd.trainer.config import NPDConfig
+
+    npd = NPDConfig.from_mapping({"shutdown_timeout_s": 5, "teacher_accuracy": None, "teacher": {"url": ["http://a:1/v1"]}})
+    assert npd.shutdown_timeout_s == 5 and npd.teacher.urls == ["http://a:1/v1"]
+
+
+def leaf_keys(values: dict, prefix: str) -> list[str]:
+    keys = []
+    for name, value in values.items():
+        keys += leaf_keys(value, f"{prefix}.{name}") if isinstance(value, dict) else [f"{prefix}.{name}"]
+    return keys
+
+
+def test_command_line_keys_under_npd_are_checked_against_every_setting():
+    """Every key of the npd section as Hydra stores it is accepted; a mistyped or moved one is named
+    with the key to use."""
+    from dataclasses import asdict
+
+    from verl_npd.trainer.config import NPDConfig, unknown_setting
+
+    keys = leaf_keys(asdict(NPDConfig()), "npd")
+    assert len(keys) > 30 and "npd.teacher.url" in keys
+    assert [key for key in keys if unknown_setting(key)] == []
+    assert unknown_setting("npd.teacher.url.0") is None  # an item of the URL list
+    assert unknown_setting("npd.sync_intervl").startswith("npd.sync_intervl: NPD has no such setting; did you mean npd.sync_interval?")
+    assert unknown_setting("npd.filter.zzz").startswith("npd.filter.zzz: NPD has no such setting; npd.filter has ['band',")
+    assert unknown_setting("npd.packing.token_budget") == (
+        "npd.packing.token_budget is verl's actor_rollout_ref.actor.ppo_max_token_len_per_gpu (NPD reads verl's key); "
+        "set that instead"
+    )
+
+
+@pytest.mark.parametrize(
+    "key, null_means",
+    [
+        ("data.train_batch_size", None),
+        ("data.val_batch_size", "the whole validation set as one batch"),
+        ("data.max_prompt_length", None),
+        ("data.max_response_length", None),
+        ("actor_rollout_ref.rollout.n", None),
+        ("actor_rollout_ref.actor.ppo_mini_batch_size", None),
+        ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", None),
+        ("trainer.total_training_steps", "data.train_files' batches times trainer.total_epochs"),
+    ],
+)
+def test_sizes_verl_uses_unchecked_are_checked_before_ray(toy_world, key, null_means):
+    """A size of 0, a negative one or a string is the one problem named (the toy's
+    ppo_mini_batch_size repeats data.train_batch_size and is not named again); null only where verl
+    gives it a meaning."""
+    from verl_npd.trainer.preflight import preflight
+
+    allowed = "an integer of 1 or more" + (f", or null for {null_means}" if null_means else "")
+    for value, written in (("0", "0"), ("-3", "-3"), ("abc", "'abc'")):
+        problems = preflight(compose(*TOY_CONFIG, [f"{key}={value}"]), collect=True).problems
+        assert problems == [f"{key}={written}: must be {allowed}"]
+    problems = preflight(compose(*TOY_CONFIG, [f"{key}=null"]), collect=True).problems
+    assert problems == ([] if null_means else [f"{key}=None: must be {allowed}"])
 
 
 def test_loss_settings_and_the_warnings_filter_reach_the_ray_job():

@@ -37,7 +37,7 @@ from verl_npd.trainer.memory import gpu_memory_here
 from verl_npd.trainer.preflight import PreflightError, preflight
 from verl_npd.trainer.readiness import CheckRequest, check_readiness, split_check_flags
 from verl_npd.trainer.student_export import ask_for_hf_weights
-from verl_npd.trainer.config import NPDConfig, store_npd_defaults
+from verl_npd.trainer.config import NPDConfig, store_npd_defaults, unknown_setting
 from verl_npd.trainer.summary import format_summary
 
 # Before Hydra composes: the npd: section's defaults.
@@ -286,10 +286,23 @@ def cli() -> None:
     global check_request
     try:
         sys.argv, check_request = split_check_flags(sys.argv)
+        check_npd_overrides(sys.argv[1:])
     except ValueError as e:
         print(f"verl-npd: {e}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+def check_npd_overrides(args: list[str]) -> None:
+    """An override of an ``npd.*`` key that NPD does not have fails here, in one line naming the
+    nearest key, rather than in Hydra's several lines (``+npd.x=...`` adds a key, which the
+    preflight then rejects just as plainly)."""
+    for arg in args:
+        key, is_override, _ = arg.partition("=")
+        if is_override and key.startswith("npd."):
+            problem = unknown_setting(key)
+            if problem:
+                raise ValueError(problem)
 
 
 if __name__ == "__main__":

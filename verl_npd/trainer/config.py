@@ -7,6 +7,9 @@ dataclasses that reject unknown fields, which is why NPD's settings live under a
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
@@ -36,11 +39,75 @@ def from_mapping(cls, values: Mapping | None, prefix: str):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{prefix}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     for name, spec in known.items():
+        if name not in values:
+            continue
         nested = spec.default_factory
-        if name in values and nested is not MISSING and is_dataclass(nested):
+        if nested is not MISSING and is_dataclass(nested):
+            if not isinstance(values[name], Mapping):
+                raise ValueError(f"{prefix}.{name}={values[name]!r}: must be a section of settings (a mapping)")
             values[name] = from_mapping(nested, values[name], f"{prefix}.{name}")
+        elif not has_type(values[name], hints[name]):
+            # Checked here because __post_init__'s range checks would fail on a wrong type with an
+            # error that names no key ('<' not supported between 'str' and 'int').
+            raise ValueError(f"{prefix}.{name}={values[name]!r}: must be {type_text(hints[name])}")
     return cls(**values)
+
+
+def has_type(value, hint) -> bool:
+    """Whether a value read from YAML or the command line is of a field's annotated type (the
+    annotations in this package: int, float, bool, str, None, Literal, list[...] and unions of them)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # YAML reads 1 as an int
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+TYPE_TEXTS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def type_text(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_text(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {type_text(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return TYPE_TEXTS[hint]
+
+
+def unknown_setting(key: str) -> str | None:
+    """For a command-line override of ``key`` (``npd.buffer.capacity``), what is wrong with the key:
+    a moved setting, or one NPD does not have, with the nearest known one; None when it exists.
+    Hydra would refuse an unknown key too, but in several lines that do not say what is known."""
+    moved = MOVED_TO_VERL.get(key)
+    if moved:
+        return f"{key} is verl's {moved} (NPD reads verl's key); set that instead"
+    cls, path = NPDConfig, "npd"
+    for name in key.split(".")[1:]:
+        known = {f.name: f for f in fields(cls)}
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {path}.{near[0]}? " if near else ""
+            return f"{path}.{name}: NPD has no such setting; {hint}{path} has {sorted(known)}"
+        nested = known[name].default_factory
+        if nested is MISSING or not is_dataclass(nested):
+            return None  # a leaf: what follows indexes its value (a list of URLs)
+        cls, path = nested, f"{path}.{name}"
+    return None
 
 
 @dataclass

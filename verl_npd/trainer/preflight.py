@@ -47,11 +47,12 @@ class Problems:
             self.found.append(str(e))
             return FAILED
 
-    def report(self, problems: list[str]) -> None:
-        """Problems a check listed rather than raised (several independent ones)."""
+    def report(self, problems: list[str]) -> list[str]:
+        """Problems a check listed rather than raised (several independent ones); returns them."""
         if problems and not self.collect:
             raise PreflightError(problems[0])
         self.found.extend(problems)
+        return problems
 
 
 class Checked(NamedTuple):
@@ -71,8 +72,9 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
         raise PreflightError("the config has no 'npd' section; extend verl_npd/config/npd_trainer.yaml")
     problems = Problems(collect)
     named = problems.run(check_named, config) is not FAILED
+    sized = not problems.report(size_problems(config))
     npd = problems.run(npd_settings, config)
-    if npd is not FAILED:
+    if npd is not FAILED and sized:
         problems.run(check_token_budget, config, npd.packing.truncate)
         problems.run(check_buffer_holds_a_batch, config, npd.buffer.capacity)
     problems.run(check_distillation_enabled, config)
@@ -84,7 +86,7 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
         for key, teacher in config.distillation.teacher_models.items():
             field_name = f"distillation.teacher_models.{key}.model_path"
             teacher_paths[field_name] = problems.run(check_model_path, field_name, teacher.model_path)
-    for key in VERL_CONFIG_SECTIONS:
+    for key in VERL_CONFIG_SECTIONS if sized else ():  # verl's sections interpolate the sizes
         problems.run(check_verl_section, config, key)
     tokenizer = FAILED if student_path is FAILED else problems.run(student_tokenizer, config, student_path)
     if tokenizer is not FAILED:
@@ -94,21 +96,60 @@ def preflight(config: DictConfig, *, gpu_memory_bytes: int | None = None, collec
     prompt_key = config.data.get("prompt_key", "prompt")
     for field_name in ("data.train_files", "data.val_files") if named else ():
         paths = problems.run(check_data_files, field_name, config.data[field_name.split(".")[1]], prompt_key)
-        if paths is not FAILED and tokenizer is not FAILED:
+        if paths is not FAILED and tokenizer is not FAILED and sized:
             problems.run(check_prompt_lengths, field_name, paths, prompt_key, tokenizer, config.data)
     rollout = config.actor_rollout_ref.rollout
     problems.run(check_standalone_rollout, rollout)
     problems.run(check_colocated_rollout, rollout)
     problems.run(check_behaviour_log_probs, rollout)
-    problems.run(check_max_model_len, config)
-    problems.run(check_resources, config)
+    if sized:
+        problems.run(check_max_model_len, config)
+        problems.run(check_resources, config)
     problems.report(gpu_stack_problems(config))
     problems.run(check_wandb_login, config)
-    if gpu_memory_bytes is not None and named:
+    if gpu_memory_bytes is not None and named and sized:
         problems.report(memory_problems(config, gpu_memory_bytes))
     if npd is not FAILED and tokenizer is not FAILED:
         problems.run(check_served_teacher, config, npd, tokenizer)
     return Checked(None if npd is FAILED else npd, problems.found)
+
+
+# verl's sizes that it does not check before its workers use them: a batch of 0 fails after Ray
+# has started, with PyTorch's sampler error that names no key; a length of 0 trains on nothing.
+# (key, what null means where verl gives null a meaning)
+SIZES = (
+    ("data.train_batch_size", None),
+    ("data.val_batch_size", "the whole validation set as one batch"),
+    ("data.max_prompt_length", None),
+    ("data.max_response_length", None),
+    ("actor_rollout_ref.rollout.n", None),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size", None),
+    ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", None),
+    ("trainer.total_training_steps", "data.train_files' batches times trainer.total_epochs"),
+)
+
+
+def size_problems(config: DictConfig) -> list[str]:
+    """Each of :data:`SIZES` is an integer of 1 or more (or null where verl gives null a meaning).
+    A key that merely repeats another (``ppo_mini_batch_size: ${data.train_batch_size}``) is not
+    named again when that one is wrong."""
+    problems, wrong = [], set()
+    for key, null_means in SIZES:
+        parent, name = key.rsplit(".", 1)
+        node = OmegaConf.select(config, parent)
+        if node is None or name not in node:
+            continue
+        written = OmegaConf.to_container(node, resolve=False)[name]
+        if OmegaConf.is_interpolation(node, name) and written.strip("${}") in wrong:
+            continue
+        value = node[name]
+        if value is None and null_means:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            wrong.add(key)
+            allowed = "an integer of 1 or more" + (f", or null for {null_means}" if null_means else "")
+            problems.append(f"{key}={value!r}: must be {allowed}")
+    return problems
 
 
 def npd_settings(config: DictConfig):

@@ -25,7 +25,7 @@ from verl_npd.trainer.memory import (
     size_text,
     student_replica_share,
 )
-from verl_npd.trainer.preflight import PreflightError, plan_resources, preflight, served_teacher_url
+from verl_npd.trainer.preflight import PreflightError, plan_resources, preflight, served_teacher_url, size_problems
 
 CHECK_FLAG = "--check"
 GPU_MEMORY_FLAG = "--gpu-memory-gib"
@@ -80,7 +80,7 @@ def check_readiness(config: DictConfig, gpu_memory_gib: float | None, out=None) 
     print("verl-npd readiness check (nothing is started)", file=out)
     for line in plan_lines(config):
         print(f"  {line}", file=out)
-    if gpu_memory is not None and "npd" in config:
+    if gpu_memory is not None and "npd" in config and not size_problems(config):
         print(f"memory, per GPU of {size_text(gpu_memory)} ({source}):", file=out)
         needs, unknown = memory_needs(config, gpu_memory)
         for need in needs:
@@ -99,6 +99,8 @@ def check_readiness(config: DictConfig, gpu_memory_gib: float | None, out=None) 
 
 def plan_lines(config: DictConfig) -> list[str]:
     """The resource plan: each pool's GPUs and what runs on them."""
+    if size_problems(config):
+        return ["no resource plan until the sizes named below are right"]
     try:
         pools = plan_resources(config)
     except PreflightError as e:
