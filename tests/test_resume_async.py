@@ -21,7 +21,9 @@ not compared bit for bit: the killed run trains on 2 ranks, the uninterrupted on
 """
 
 import json
+import os
 import random
+import shutil
 from collections import Counter
 
 import pytest
@@ -88,9 +90,28 @@ def runs(toy_world, tmp_path_factory):
     out = root / "killed"
     first = run_until_killed(out, root / "first.log", lambda: latest_checkpoint(out) >= FIRST_KILL)
     second = run_until_killed(out, root / "second.log", lambda: steps_logged(out) >= SECOND_KILL)
+    faults = break_checkpoints(out, second["checkpoint"])
+    failed = run_module("verl_npd.main_npd", npd_args(out, TWO_RANKS), timeout=900)
+    faults.update(returncode=failed.returncode, stderr=failed.stderr, log=(out / "run.log").read_text(),
+                  checkpoint=latest_checkpoint(out))  # fmt: skip
+    os.remove(faults["blocker"])  # the cause fixed: the same command resumes
     resumed = run_module("verl_npd.main_npd", npd_args(out, TWO_RANKS), timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return root, [first, second]
+    return root, [first, second], faults
+
+
+def break_checkpoints(out, newest: int) -> dict:
+    """Two faults for the next resume: the newest checkpoint gets a truncated shard (a torn write
+    on a lost node's disk), and the checkpoint two steps after it cannot be written (its npd/ is a
+    file, as a full disk or a lost mount would fail the write)."""
+    shard = out / "ckpt" / f"global_step_{newest}" / "actor" / "model_world_size_2_rank_1.pt"
+    size = shard.stat().st_size
+    os.truncate(shard, size // 2)
+    blocked = out / "ckpt" / f"global_step_{newest + SAVE_FREQ}"
+    shutil.rmtree(blocked, ignore_errors=True)  # a step the kill cut short may have begun it
+    blocked.mkdir(parents=True)
+    (blocked / "npd").write_text("")
+    return {"truncated": (newest, size // 2, size), "blocker": blocked / "npd"}
 
 
 def checkpoint_state(out, step: int) -> tuple[dict, list[int]]:
@@ -132,7 +153,7 @@ def check_every_position_accounted_for_once(out) -> None:
 
 
 def test_the_uninterrupted_run_accounts_for_every_position_once(runs):
-    root, _ = runs
+    root, *_ = runs
     out = root / "straight"
     check_every_position_accounted_for_once(out)
     history = read_jsonl(out / "metrics.jsonl")
@@ -142,7 +163,7 @@ def test_the_uninterrupted_run_accounts_for_every_position_once(runs):
 
 
 def test_a_run_killed_twice_resumes_losing_nothing_and_training_nothing_twice(runs):
-    root, (first, second) = runs
+    root, (first, second), _ = runs
     out = root / "killed"
     assert first["checkpoint"] == FIRST_KILL  # killed right after this checkpoint
     assert first["checkpoint"] < second["checkpoint"] < second["steps_logged"]  # steps were rolled back
@@ -161,7 +182,7 @@ def test_the_killed_run_trains_the_same_samples_step_for_step_as_the_uninterrupt
     """Waves enter the buffer in the order they started, so each step's samples do not depend on
     timing: the resumed run (2 ranks) trains what the uninterrupted one (1 rank) does, with the
     same loss (the loss does not depend on the number of ranks)."""
-    root, _ = runs
+    root, *_ = runs
     (straight, killed), (straight_history, killed_history) = (
         [read_jsonl(root / name / record) for name in ("straight", "killed")]
         for record in ("positions.jsonl", "metrics.jsonl")
@@ -171,8 +192,29 @@ def test_the_killed_run_trains_the_same_samples_step_for_step_as_the_uninterrupt
         assert b["actor/loss"] == pytest.approx(a["actor/loss"], rel=1e-4)
 
 
+def test_a_truncated_checkpoint_is_skipped_and_named_and_a_failed_write_keeps_the_last_one(runs):
+    """The resume after the second kill finds the newest checkpoint's shard truncated: it resumes
+    from the checkpoint before, saying which it skipped and why; then the write of a later
+    checkpoint fails: the run ends naming it and the checkpoint still intact, which the next
+    resume uses. Nothing is lost or trained twice over all of it (checked on the final record)."""
+    root, (_, second), faults = runs
+    newest, truncated, size = faults["truncated"]
+    assert newest == second["checkpoint"]
+    assert (
+        f"verl-npd: skipped unusable checkpoints (step {newest}: actor/model_world_size_2_rank_1.pt has {truncated} "
+        f"bytes, {size} when it was written); resuming from step {newest - SAVE_FREQ}"
+    ) in faults["log"]
+    assert faults["returncode"] == 1, faults["stderr"][-3000:]
+    assert (
+        f"the checkpoint of step {newest + SAVE_FREQ} could not be written (FileExistsError(17, 'File exists')); "
+        f"the checkpoint of step {newest} is intact: fix the cause and run the same command to resume from it"
+    ) in faults["stderr"]
+    assert faults["checkpoint"] == newest  # the marker never moved to the failed write
+    check_every_position_accounted_for_once(root / "killed")
+
+
 def test_two_ranks_checkpoint_and_resume_with_two_ranks(runs):
-    root, _ = runs
+    root, *_ = runs
     out = root / "killed"
     for step in range(SAVE_FREQ, STEPS + 1, SAVE_FREQ):
         shards = sorted(p.name for p in (out / "ckpt" / f"global_step_{step}" / "actor").glob("model_world_size_*"))
@@ -182,7 +224,7 @@ def test_two_ranks_checkpoint_and_resume_with_two_ranks(runs):
 
 
 def test_the_resumed_run_ends_as_accurate_as_the_uninterrupted_one(runs):
-    root, _ = runs
+    root, *_ = runs
     straight, killed = (read_jsonl(root / name / "metrics.jsonl")[-1][ACCURACY] for name in ("straight", "killed"))
     assert abs(killed - straight) <= ACCURACY_BAND, (killed, straight)
 

@@ -68,6 +68,47 @@ def test_a_dead_rollout_server_stops_the_run_with_a_checkpoint_and_a_clear_error
     assert latest == steps_logged(out) >= 2  # every finished step is in the checkpoint
 
 
+def test_steps_with_non_finite_gradients_are_counted_and_a_streak_ends_the_run(toy_world, tmp_path):
+    """An absurd learning rate: step 1's update (finite gradient) blows the weights up, so from step
+    2 on the loss and gradient are NaN and verl skips each update. Steps 2 and 3 are counted; with
+    npd.max_nonfinite_steps=2 the run ends after step 3 with an error naming the streak and a
+    checkpoint holding every finished step. (The sync at step 2 hands the NaN weights to the
+    rollout, which generates nothing usable after it: step 3 still trains samples made before.)"""
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    args = [*QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=8",
+            "trainer.save_freq=-1", "data.train_batch_size=32", "actor_rollout_ref.actor.optim.lr=1e30",
+            "npd.max_nonfinite_steps=2", "trainer.logger=[console]"]  # fmt: skip
+    result = run_module("verl_npd.main_npd", args, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(
+        r"steps 2-3 had non-finite gradients \(the last's norm nan, loss nan\); verl skipped their updates, so the "
+        r"weights are those after step 1\. npd.max_nonfinite_steps=2 in a row end the run",
+        result.stderr,
+    ), result.stderr[-3000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(row["step"], row["npd/nonfinite_steps"]) for row in rows] == [(1, 0.0), (2, 1.0), (3, 2.0)]
+    assert torch.isfinite(torch.tensor(rows[0]["actor/grad_norm"])) and rows[1]["actor/grad_norm"] != rows[1]["actor/grad_norm"]
+    assert "WARN: grad_norm is not finite" in (out / "run.log").read_text()  # verl's skip
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == 3
+
+
+def test_a_finite_step_ends_a_streak_of_non_finite_ones():
+    from types import SimpleNamespace
+
+    from verl_npd.trainer.near_policy_trainer import NearPolicyTrainer, NonFiniteTraining
+
+    trainer = SimpleNamespace(nonfinite_steps=0, nonfinite_streak=0, npd=SimpleNamespace(max_nonfinite_steps=2))
+    norms = [1.0, float("nan"), 2.0, float("inf"), float("nan")]
+    outcomes, counted = [], []
+    for step, norm in enumerate(norms, 1):
+        metrics = {"actor/grad_norm": norm, "actor/loss": 0.5}
+        outcomes.append(NearPolicyTrainer._count_nonfinite(trainer, step, metrics))
+        counted.append(metrics["npd/nonfinite_steps"])
+    assert outcomes[:4] == [None] * 4 and isinstance(outcomes[4], NonFiniteTraining)
+    assert str(outcomes[4]).startswith("steps 4-5 had non-finite gradients (the last's norm nan, loss 0.5)")
+    assert counted == [0.0, 1.0, 1.0, 2.0, 3.0]
+
+
 def test_a_hung_request_is_retried_a_bounded_number_of_times_then_fails():
     attempts = []
 

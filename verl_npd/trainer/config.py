@@ -346,6 +346,14 @@ class NPDConfig:
         default=600.0,
         metadata={"help": "On SIGTERM/SIGINT, seconds to finish the current step and checkpoint before exiting."},
     )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Steps in a row whose gradient norm is not finite (verl skips their updates) after which the run "
+            "stops with an error and a checkpoint; each such step is counted in npd/nonfinite_steps (since the run "
+            "started or resumed)."
+        },
+    )
     teacher_accuracy: float | None = field(
         default=None,
         metadata={
@@ -369,6 +377,8 @@ class NPDConfig:
             raise ValueError(f"npd.teacher_accuracy must lie in [0, 1] (or be null), got {self.teacher_accuracy}")
         if self.sync_interval < 1:
             raise ValueError(f"npd.sync_interval must be >= 1, got {self.sync_interval}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"npd.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         # The rollout engine holds version K * floor(c / K) when the trainer consumes with weights of
         # version c (K = sync_interval), so the freshest sample available then is up to K - 1 versions
         # old: a smaller bound could starve the trainer.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -49,6 +50,13 @@ from verl_npd.engines.cpu_server_registration import ROLLOUT_NAME as CPU_ROLLOUT
 from verl_npd.rollout.scoring import ServerPool
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer
 from verl_npd.rollout.sample_io import load_samples, save_samples
+from verl_npd.trainer.checkpoints import (
+    CheckpointError,
+    choose_checkpoint,
+    earlier_checkpoints,
+    step_of,
+    write_manifest,
+)
 from verl_npd.trainer.config import NPDConfig
 from verl_npd.trainer.student_export import has_hf_weights, publish_student, run_reward_function
 from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text_atomically
@@ -69,6 +77,10 @@ class NearPolicyTrainer(RayPPOTrainer):
             self.resource_pool_manager.resource_pool_spec.pop("teacher_pool", None)
         self.stop_requested = stop_requested or threading.Event()
         self._last_saved_step = 0
+        # Checkpoints a resume found unusable and skipped ({"step", "problem"}), for the summary.
+        self.unusable_checkpoints: list[dict] = []
+        self.nonfinite_steps = 0
+        self.nonfinite_streak = 0
         rollout = self.config.actor_rollout_ref.rollout
         self.samples_per_step = self.config.data.train_batch_size * rollout.n
         self.buffer = NearPolicyBuffer(
@@ -266,7 +278,9 @@ class NearPolicyTrainer(RayPPOTrainer):
         self._load_checkpoint()
         first_step = self.global_steps
         summary = RunSummary(
-            output_dir=self.output_dir, resume_step=first_step, extra={"teacher_accuracy": self.npd.teacher_accuracy}
+            output_dir=self.output_dir,
+            resume_step=first_step,
+            extra={"teacher_accuracy": self.npd.teacher_accuracy, "unusable_checkpoints": self.unusable_checkpoints},
         )
         self._sync_weights(self.global_steps)
 
@@ -317,11 +331,14 @@ class NearPolicyTrainer(RayPPOTrainer):
                     metrics.update(val_metrics)
                     summary.record_validation(step, val_metrics)
                     self._show_validation(step, val_metrics)
+                nonfinite = self._count_nonfinite(step, metrics)
                 # Recorded before the checkpoint: a run resumed from step t has the rows of steps 1..t.
                 summary.record_step(step, metrics, positions)
+                if nonfinite:
+                    raise nonfinite
                 save_freq = self.config.trainer.save_freq
                 if save_freq > 0 and (step % save_freq == 0 or step == total):
-                    self._save_checkpoint()
+                    self._save_periodic_checkpoint()
                 tracker.log(data=metrics, step=step)
                 progress.update(1)
                 self.progress.update(
@@ -348,6 +365,27 @@ class NearPolicyTrainer(RayPPOTrainer):
         )
         tracker.log(data={f"summary/{k}": v for k, v in result.items() if isinstance(v, int | float)}, step=total)
         return result
+
+    def _count_nonfinite(self, step: int, metrics: dict[str, float]) -> NonFiniteTraining | None:
+        """verl skips the optimizer step of a gradient whose norm is not finite (its engine's
+        optimizer_step, verl/workers/engine/fsdp/transformer_impl.py:822-825), so such a step leaves
+        the weights as they were. Counted in ``npd/nonfinite_steps``; after
+        ``npd.max_nonfinite_steps`` in a row, the error that ends the run (raised once the step is
+        recorded): every further update would be skipped too."""
+        grad_norm = metrics.get("actor/grad_norm")
+        finite = grad_norm is None or math.isfinite(grad_norm)
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        self.nonfinite_steps += 0 if finite else 1
+        metrics["npd/nonfinite_steps"] = float(self.nonfinite_steps)
+        if self.nonfinite_streak < self.npd.max_nonfinite_steps:
+            return None
+        first = step - self.nonfinite_streak + 1
+        return NonFiniteTraining(
+            f"steps {first}-{step} had non-finite gradients (the last's norm {grad_norm}, loss "
+            f"{metrics.get('actor/loss')}); verl skipped their updates, so the weights are those after step {first - 1}. "
+            f"npd.max_nonfinite_steps={self.npd.max_nonfinite_steps} in a row end the run: lower the learning rate, or "
+            "look for non-finite teacher scores"
+        )
 
     def _show_validation(self, step: int, val_metrics: dict[str, float]) -> None:
         accuracy = validation_accuracy(val_metrics)
@@ -442,6 +480,22 @@ class NearPolicyTrainer(RayPPOTrainer):
     # once every part of the checkpoint is on disk, so that a kill at any moment leaves the previous
     # checkpoint usable (verl writes it before we could add our part).
 
+    def _save_periodic_checkpoint(self) -> None:
+        """A checkpoint that cannot be written (a full disk, a lost mount) ends the run, naming the
+        checkpoint that is still usable: the "latest" marker moves only once a checkpoint is whole."""
+        try:
+            self._save_checkpoint()
+        except Exception as failure:
+            kept = (
+                f"the checkpoint of step {self._last_saved_step} is intact: fix the cause and run the same command "
+                "to resume from it"
+                if self._last_saved_step
+                else "no checkpoint was written before it"
+            )
+            raise CheckpointError(
+                f"the checkpoint of step {self.global_steps} could not be written ({failure!r}); {kept}"
+            ) from failure
+
     def _step_dir(self, step: int) -> str:
         return os.path.join(os.path.abspath(self.config.trainer.default_local_dir), f"global_step_{step}")
 
@@ -463,6 +517,7 @@ class NearPolicyTrainer(RayPPOTrainer):
         save_samples(os.path.join(state_dir, "buffer"), samples)
         state = {"buffer": buffer_state, "stream": stream_state, "step": self.global_steps}
         write_text_atomically(os.path.join(state_dir, "state.json"), json.dumps(state))
+        write_manifest(step_dir)
         write_text_atomically(
             os.path.join(os.path.abspath(trainer.default_local_dir), "latest_checkpointed_iteration.txt"),
             str(self.global_steps),
@@ -491,15 +546,18 @@ class NearPolicyTrainer(RayPPOTrainer):
         if trainer.resume_mode == "disable":
             return
         if trainer.resume_mode == "resume_path":
-            step_dir = os.path.abspath(trainer.resume_from_path)
+            # The user named this one: no other is taken in its place.
+            candidates = [os.path.abspath(trainer.resume_from_path)]
         else:
-            step_dir = find_latest_ckpt_path(os.path.abspath(trainer.default_local_dir))
-            if step_dir is None:
+            latest = find_latest_ckpt_path(os.path.abspath(trainer.default_local_dir))
+            if latest is None:
                 return
-        state_path = os.path.join(step_dir, "npd", "state.json")
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"{step_dir} is not a verl-npd checkpoint: {state_path} is missing")
-        with open(state_path) as f:
+            candidates = earlier_checkpoints(latest)
+        step_dir, self.unusable_checkpoints = choose_checkpoint(candidates)
+        if self.unusable_checkpoints:
+            skipped = "; ".join(f"step {s['step']}: {s['problem']}" for s in self.unusable_checkpoints)
+            logger.warning("verl-npd: skipped unusable checkpoints (%s); resuming from step %d", skipped, step_of(step_dir))
+        with open(os.path.join(step_dir, "npd", "state.json")) as f:
             state = json.load(f)
         self.global_steps = int(state["step"])
         self.actor_rollout_wg.load_checkpoint(
@@ -509,6 +567,10 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.stream.load_state_dict(state["stream"])
         self._last_saved_step = self.global_steps
         logger.info("verl-npd: resumed at step %d with %d buffered samples", self.global_steps, self.buffer.queued)
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row had non-finite gradients."""
 
 
 def chat_template_kwargs(data_config) -> dict[str, Any]:
