@@ -72,12 +72,13 @@ def test_steps_with_non_finite_gradients_are_counted_and_a_streak_ends_the_run(t
     """An absurd learning rate: step 1's update (finite gradient) blows the weights up, so from step
     2 on the loss and gradient are NaN and verl skips each update. Steps 2 and 3 are counted; with
     npd.max_nonfinite_steps=2 the run ends after step 3 with an error naming the streak and a
-    checkpoint holding every finished step. (The sync at step 2 hands the NaN weights to the
-    rollout, which generates nothing usable after it: step 3 still trains samples made before.)"""
+    checkpoint holding every finished step. Weights sync every 4 steps here, so the rollout never
+    gets the blown-up weights (which end a run at once: test_non_finite_rollout_log_probs_end_the_run)."""
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     args = [*QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=8",
             "trainer.save_freq=-1", "data.train_batch_size=32", "actor_rollout_ref.actor.optim.lr=1e30",
-            "npd.max_nonfinite_steps=2", "trainer.logger=[console]"]  # fmt: skip
+            "npd.max_nonfinite_steps=2", "npd.sync_interval=4", "npd.buffer.max_staleness=3",
+            "trainer.logger=[console]"]  # fmt: skip
     result = run_module("verl_npd.main_npd", args, timeout=600)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(
@@ -90,6 +91,21 @@ def test_steps_with_non_finite_gradients_are_counted_and_a_streak_ends_the_run(t
     assert torch.isfinite(torch.tensor(rows[0]["actor/grad_norm"])) and rows[1]["actor/grad_norm"] != rows[1]["actor/grad_norm"]
     assert "WARN: grad_norm is not finite" in (out / "run.log").read_text()  # verl's skip
     assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == 3
+
+
+def test_non_finite_rollout_log_probs_end_the_run():
+    """NaN log-probs from the rollout would make every IFD NaN and the filter keep nothing: the
+    trainer would wait forever (an absurd learning rate, before this check: no step after 3 in 8
+    minutes). The wave fails instead, naming the weights."""
+    from verl_npd.rollout.async_manager import PromptItem, Rollout, check_finite_log_probs
+
+    def rollout(position, log_probs):
+        prompt = PromptItem(position=position, prompt_ids=[1, 2], routing_key=None, extra={})
+        return Rollout(prompt=prompt, response_ids=[3] * len(log_probs), log_probs=log_probs, version=2, spans_sync=False)
+
+    check_finite_log_probs([rollout(0, [-0.5, -1.0]), rollout(1, [])])
+    with pytest.raises(RuntimeError, match=r"non-finite log-probs for prompt #7 \(weights of version 2\)"):
+        check_finite_log_probs([rollout(0, [-0.5]), rollout(7, [-0.1, float("nan")])])
 
 
 def test_a_finite_step_ends_a_streak_of_non_finite_ones():

@@ -305,6 +305,7 @@ class AsyncRolloutManager:
             *[self._generate(prompt, j, version) for prompt in prompts for j in range(self.samples_per_prompt)]
         )
         generated_at = time.monotonic()
+        check_finite_log_probs(rollouts)
         generated, teacher_s, score_metrics = await self._score(rollouts)
         decision = self._filter(generated)
         keep = decision.keep.tolist()
@@ -487,6 +488,19 @@ class AsyncRolloutManager:
         with self._lock:
             samples, buffer_state = self.buffer.snapshot()
             return samples, buffer_state, self.stream.state_dict(self._in_flight_positions)
+
+
+def check_finite_log_probs(rollouts: list[Rollout]) -> None:
+    """A rollout engine whose weights are not finite (a sync after an update that overflowed)
+    reports NaN log-probs: every IFD is then NaN, the filter keeps nothing and the trainer would
+    wait for samples forever. Ends the run instead, naming the weights that produced them."""
+    for rollout in rollouts:
+        if not all(math.isfinite(x) for x in rollout.log_probs):
+            raise RuntimeError(
+                f"the student's rollout returned non-finite log-probs for prompt #{rollout.prompt.position} "
+                f"(weights of version {rollout.version}): the weights synced to it are not finite; see "
+                "actor/grad_norm and actor/loss of the steps before"
+            )
 
 
 def behaviour_version(extra_fields: dict[str, Any], reserved: int) -> tuple[int, bool]:
