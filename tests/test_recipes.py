@@ -69,7 +69,7 @@ def test_the_step_count_and_the_token_budget_have_one_home(toy_world, recipe):
         assert values["actor_rollout_ref.actor.ppo_max_token_len_per_gpu"] == 4567, name
         # verl's own keys that follow them (log_prob_max_token_len_per_gpu) follow the override too.
         assert values["actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"] == 4567, name
-        assert not {key for key in values if key.startswith("npd.") and ("steps" in key or "budget" in key)}
+        assert not {key for key in values if key.startswith("npd.") and ("total_steps" in key or "budget" in key)}
 
 
 def declared_gpus(recipe: str, method: str) -> dict[str, int]:

@@ -217,35 +217,40 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(toy_world, tmp_path):
     assert counters[1]["consumed"] == counters[0]["consumed"] == 4 * 16
 
 
-def test_a_served_teacher_restarted_mid_run_is_waited_for(toy_world, tmp_path):
-    """npd.teacher.url on the toy: the teacher takes no logical GPU (one, the trainer's, is enough),
-    and its server, killed once the first step is logged and restarted a few seconds later, is
-    waited for: the run trains every step and the client's retries name the URL."""
+def test_served_teachers_killed_mid_run_fail_over_and_are_waited_for(toy_world, tmp_path):
+    """npd.teacher.url with two servers of the toy teacher (no logical GPU for the teacher: the
+    trainer's one is enough). Once step 1 is logged, server A is SIGKILLed: B scores alone. Once
+    step 3 is logged, B is killed too and A restarted 5 s later: scoring waits for a server, and A,
+    back, takes all the work. The run trains every step; no stream position is trained twice; the
+    client's retries name both URLs."""
     from test_remote_teacher import _free_port, _start_server, _stop
 
-    port = _free_port()
-    server = _start_server(toy_world.teacher_dir, port)
+    ports = [_free_port(), _free_port()]
+    servers = [_start_server(toy_world.teacher_dir, port) for port in ports]
+    urls = [f"http://127.0.0.1:{port}/v1" for port in ports]
     out, log = tmp_path / "run", tmp_path / "npd.log"
-    args = [
-        *FAST,
-        *QUIET,
-        f"npd.output_dir={out}",
-        "trainer.total_training_steps=6",
-        f"npd.teacher.url=http://127.0.0.1:{port}/v1",
-        "npd.teacher.model=toy",
-        "ray_kwargs.ray_init.num_gpus=1",
-    ]
+    args = [*FAST, *QUIET, f"npd.output_dir={out}", "trainer.total_training_steps=8", f"npd.teacher.url=[{','.join(urls)}]",
+            "npd.teacher.model=toy", "ray_kwargs.ray_init.num_gpus=1"]  # fmt: skip
     process = start_npd(args, log)
     try:
         wait_for(lambda: steps_logged(out) >= 1, process, log, "the first step")
-        _stop(server)
+        _stop(servers[0])
+        wait_for(lambda: steps_logged(out) >= 3, process, log, "step 3, scored by B alone")
+        _stop(servers[1])
         time.sleep(5)
-        server = _start_server(toy_world.teacher_dir, port)
+        servers[0] = _start_server(toy_world.teacher_dir, ports[0])
         assert process.wait(timeout=900) == 0, tail(log)
     finally:
         if process.poll() is None:
             kill_session(process)
-        _stop(server)
-    assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+        for server in servers:
+            if server.poll() is None:
+                _stop(server)
+    rows = read_jsonl(out / "positions.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    trained = [p for row in rows for p in row["trained"]]
+    assert len(trained) == len(set(trained)) == 8 * 16
     # The retries were logged by the rollout manager, whose output goes to the run's log.
-    assert f"teacher server http://127.0.0.1:{port}/v1/completions failed" in (out / "run.log").read_text(), tail(log)
+    run_log = (out / "run.log").read_text()
+    for url in urls:
+        assert f"teacher server {url}/completions failed" in run_log, tail(log)
