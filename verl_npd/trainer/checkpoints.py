@@ -25,7 +25,7 @@ STEP_DIR = re.compile(r"global_step_(\d+)\Z")
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint to resume from is usable."""
+    """No checkpoint to resume from is usable, or one could not be written."""
 
 
 def write_manifest(step_dir: str) -> None:

@@ -139,9 +139,10 @@ def size_problems(config: DictConfig) -> list[str]:
         node = OmegaConf.select(config, parent)
         if node is None or name not in node:
             continue
-        written = OmegaConf.to_container(node, resolve=False)[name]
-        if OmegaConf.is_interpolation(node, name) and written.strip("${}") in wrong:
-            continue
+        if OmegaConf.is_interpolation(node, name):
+            written = OmegaConf.to_container(node, resolve=False)[name]
+            if written.strip("${}") in wrong:
+                continue
         value = node[name]
         if value is None and null_means:
             continue

@@ -78,9 +78,12 @@ def check_readiness(config: DictConfig, gpu_memory_gib: float | None, out=None) 
     except PreflightError as e:  # the config is not an NPD config at all
         problems = [str(e)]
     print("verl-npd readiness check (nothing is started)", file=out)
-    for line in plan_lines(config):
+    # The plan and the memory estimate are arithmetic on the sizes, named among the problems when wrong.
+    sized = not size_problems(config)
+    plan = plan_lines(config) if sized else ["no resource plan until the sizes named below are right"]
+    for line in plan:
         print(f"  {line}", file=out)
-    if gpu_memory is not None and "npd" in config and not size_problems(config):
+    if gpu_memory is not None and "npd" in config and sized:
         print(f"memory, per GPU of {size_text(gpu_memory)} ({source}):", file=out)
         needs, unknown = memory_needs(config, gpu_memory)
         for need in needs:
@@ -99,8 +102,6 @@ def check_readiness(config: DictConfig, gpu_memory_gib: float | None, out=None) 
 
 def plan_lines(config: DictConfig) -> list[str]:
     """The resource plan: each pool's GPUs and what runs on them."""
-    if size_problems(config):
-        return ["no resource plan until the sizes named below are right"]
     try:
         pools = plan_resources(config)
     except PreflightError as e:
