@@ -1,11 +1,17 @@
 """Shared fixtures: the toy world (built once per machine, cached) and runners for the two entry
 points (verl's main_ppo and our main_npd) as real subprocesses with real Ray."""
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 
 import psutil
 import pytest
@@ -79,7 +85,7 @@ def run_on_policy(
     return history
 
 
-def start_npd(args: list[str], log_path) -> subprocess.Popen:
+def start_npd(args: list[str], log_path, env: dict | None = None) -> subprocess.Popen:
     """main_npd in its own session, its output in ``log_path`` (a pipe nobody reads could fill)."""
     with open(log_path, "w") as log:
         return subprocess.Popen(
@@ -88,6 +94,7 @@ def start_npd(args: list[str], log_path) -> subprocess.Popen:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -133,3 +140,110 @@ def kill_session(process: subprocess.Popen, timeout: float = 60) -> None:
         assert time.monotonic() < deadline, f"still running after SIGKILL: {members}"
         time.sleep(0.2)
     process.wait(timeout=timeout)
+
+
+def checkpoint_state(out, step: int) -> tuple[dict, list[int]]:
+    """A checkpoint's npd state and the stream positions of the samples queued in it."""
+    state_dir = out / "ckpt" / f"global_step_{step}" / "npd"
+    state = json.loads((state_dir / "state.json").read_text())
+    queued = [record["prompt"]["position"] for record in json.loads((state_dir / "buffer.json").read_text())]
+    return state, queued
+
+
+def check_every_position_accounted_for_once(out, steps: int, batch: int) -> None:
+    """positions.jsonl plus the final checkpoint (of step ``steps``, ``batch`` prompts a step, one
+    sample each) cover the prompt stream exactly, and the buffer's counters in that checkpoint agree
+    with them."""
+    rows = read_jsonl(out / "positions.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    assert all(len(row["trained"]) == batch for row in rows)
+    state, queued = checkpoint_state(out, steps)
+    stream, counters = state["stream"], state["buffer"]["counters"]
+    trained = [p for row in rows for p in row["trained"]]
+    # The filter's drops since the last row are recorded in the checkpoint, as are queued samples
+    # and the prompts in flight (re-issued by a resume).
+    filtered = [p for row in rows for p in row["filtered"]] + stream["filtered"]
+    dropped = [p for row in rows for p in row["dropped_stale"]]
+    accounted = Counter(trained + filtered + dropped + queued + stream["reissue"])
+    missing = sorted(set(range(stream["cursor"])) - set(accounted))
+    twice = {p: n for p, n in accounted.items() if n > 1}
+    assert not missing and not twice and max(accounted) < stream["cursor"], (missing, twice)
+    # The buffer's accounting: generated = filtered + dropped as stale + trained + queued, and
+    # every position issued was generated or is in flight (one sample per prompt, none released).
+    assert counters["consumed"] == len(trained) == steps * batch
+    assert counters["filtered"] == len(filtered)
+    assert counters["dropped_stale"] == len(dropped)
+    assert counters["generated"] == len(filtered) + len(dropped) + len(trained) + len(queued)
+    assert counters["released"] == 0
+    assert counters["reserved"] == counters["generated"] + len(stream["reissue"]) == stream["cursor"]
+    history = read_jsonl(out / "metrics.jsonl")
+    assert [row["step"] for row in history] == list(range(1, steps + 1))
+    assert sum(row["npd/dropped_stale"] for row in history) == len(dropped)
+
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Explicit, so that a token in ~/.ray (Ray writes one for every new local cluster) plays no part.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: list[tuple[int, int]]):
+    """Start one Ray node per ``(cpus, gpus)`` on this machine, the first as head; yield the head's
+    address and its dashboard's URL (Ray's state API reads actors and tasks through it). Each
+    ``ray start --block`` stays in the foreground, so that teardown stops exactly the nodes started
+    here (SIGTERM: a node drains and stops its own processes)."""
+    from ray._private.services import get_node_ip_address
+
+    env = {**os.environ, **RAY_ENV}
+    address = f"{get_node_ip_address()}:{free_port()}"
+    dashboard_port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    started: list[subprocess.Popen] = []
+    try:
+        for index, (cpus, gpus) in enumerate(nodes):
+            role = (
+                ["--head", f"--port={address.rsplit(':', 1)[1]}", f"--temp-dir={temp_dir}",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                 f"--ray-client-server-port={free_port()}"]
+                if index == 0
+                else [f"--address={address}"]
+            )
+            # Two nodes on one machine: every per-node agent needs a port of its own.
+            ports = [f"--{name}={free_port()}" for name in (
+                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port", "node-manager-port", "object-manager-port",
+            )]
+            started.append(subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+                 *role, *ports],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            wait_for_nodes(address, index + 1, started)
+        yield address, f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        for node in reversed(started):
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_nodes(address: str, count: int, started: list[subprocess.Popen], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert all(node.poll() is None for node in started), "a ray node exited while starting"
+        status = subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True,
+                                env={**os.environ, **RAY_ENV})
+        if status.returncode == 0 and status.stdout.count(" node_") >= count:
+            return
+        assert time.monotonic() < deadline, f"{count} ray node(s) not up after {timeout:.0f}s: {status.stdout}"
+        time.sleep(2)

@@ -454,3 +454,76 @@ def test_a_wave_scores_the_same_batched_or_one_request_per_sequence_with_the_few
                 torch.testing.assert_close(
                     torch.tensor(uncond), torch.tensor(unconditional_reference), atol=1e-4, rtol=0
                 )
+
+
+def test_a_server_that_dies_mid_call_is_taken_out_and_its_work_goes_to_the_others(server):
+    """A pool of the real server and one that dies with work in flight (a stand-in that holds every
+    call until it is killed): the dead one's share of a wave, and a generation request that landed
+    on it, are answered by the live one exactly as a pool of the live one alone answers them; the
+    liveness check finds a server that died idle; with none left, the error names them."""
+    from verl_npd.rollout.scoring import RequestFailed, ServerPool
+
+    class Frozen:
+        """Holds every call until it is killed. Local, so that Ray ships it by value."""
+
+        async def score_prompts(self, *args, **kwargs):
+            import asyncio
+
+            await asyncio.sleep(3600)
+
+        async def generate(self, *args, **kwargs):
+            import asyncio
+
+            await asyncio.sleep(3600)
+
+    def frozen():
+        return ray.remote(Frozen).options(num_cpus=0).remote()
+
+    sequences = [PROMPTS[i % len(PROMPTS)] + [50 + i] for i in range(6)]
+    params = {"max_tokens": 6, "temperature": 1.0, "logprobs": True, "seed": 11}
+
+    async def alone():
+        live = ServerPool([server.handle], name="teacher", batched=True, timeout_s=60, max_retries=0)
+        return await live.score(sequences, 4), await live.generate("r", prompt_ids=PROMPTS[0], sampling_params=dict(params))
+
+    async def with_a_dying_server(dying):
+        pool = ServerPool([server.handle, dying], name="teacher", batched=True, timeout_s=60, max_retries=0,
+                          labels=["live", "dying"])  # fmt: skip
+        scoring = asyncio.ensure_future(pool.score(sequences, 4))
+        await asyncio.sleep(1)
+        ray.kill(dying)
+        scores = await scoring
+        assert pool.dead == ["dying"] and pool.moved == 3  # its half of the wave, sent again
+        return scores
+
+    async def a_request_on_a_dying_server(dying):
+        pool = ServerPool([dying, server.handle], name="rollout", batched=True, timeout_s=60, max_retries=0)
+        request = asyncio.ensure_future(pool.generate("r", prompt_ids=PROMPTS[0], sampling_params=dict(params)))
+        await asyncio.sleep(1)
+        ray.kill(dying)
+        output = await request
+        assert pool.dead == ["rollout server 0"] and pool.moved == 1 and pool.handles == [server.handle]
+        return output
+
+    expected_scores, expected_output = asyncio.run(alone())
+    scores = asyncio.run(with_a_dying_server(frozen()))
+    for got, want in zip(scores, expected_scores, strict=True):
+        assert torch.equal(got.topk_ids, want.topk_ids)
+        # Batched prefills of other neighbours: equal up to padding's rounding.
+        torch.testing.assert_close(got.topk_log_probs, want.topk_log_probs, atol=1e-4, rtol=0)
+        assert got.token_log_probs == pytest.approx(want.token_log_probs, abs=1e-4)
+    output = asyncio.run(a_request_on_a_dying_server(frozen()))
+    assert output.token_ids == expected_output.token_ids  # the same seed on the same weights
+
+    idle = frozen()
+    ray.kill(idle)
+    pool = ServerPool([server.handle, idle], name="rollout", batched=True, timeout_s=60, max_retries=0, labels=["a", "b"])
+    pool.check_alive(timeout_s=10)
+    assert pool.dead == ["b"] and pool.moved == 0 and pool.handles == [server.handle]
+
+    gone = [frozen(), frozen()]
+    for handle in gone:
+        ray.kill(handle)
+    pool = ServerPool(gone, name="teacher 'x'", batched=True, timeout_s=60, max_retries=0, labels=["t0", "t1"])
+    with pytest.raises(RequestFailed, match=r"every teacher 'x' server has died \((t0, t1|t1, t0)\)"):
+        asyncio.run(pool.score(sequences, 4))

@@ -3,89 +3,12 @@
 standalone rollout pool of 2 replicas synced through ``npd_gloo``. One on-policy run that improves
 the student and checkpoints, then a short resume from its last checkpoint."""
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections import Counter
 
 import pytest
 
-from conftest import read_jsonl, run_module, run_on_policy
-
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-# Explicit, so that a token in ~/.ray (Ray writes one for every new local cluster) plays no part.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def ray_cluster(nodes: list[tuple[int, int]]):
-    """Start one Ray node per ``(cpus, gpus)`` on this machine, the first as head; yield the head's
-    address and its dashboard's URL (Ray's state API reads actors and tasks through it). Each
-    ``ray start --block`` stays in the foreground, so that teardown stops exactly the nodes started
-    here (SIGTERM: a node drains and stops its own processes)."""
-    from ray._private.services import get_node_ip_address
-
-    env = {**os.environ, **RAY_ENV}
-    address = f"{get_node_ip_address()}:{free_port()}"
-    dashboard_port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
-    started: list[subprocess.Popen] = []
-    try:
-        for index, (cpus, gpus) in enumerate(nodes):
-            role = (
-                ["--head", f"--port={address.rsplit(':', 1)[1]}", f"--temp-dir={temp_dir}",
-                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                 f"--ray-client-server-port={free_port()}"]
-                if index == 0
-                else [f"--address={address}"]
-            )
-            # Two nodes on one machine: every per-node agent needs a port of its own.
-            ports = [f"--{name}={free_port()}" for name in (
-                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                "metrics-export-port", "node-manager-port", "object-manager-port",
-            )]
-            started.append(subprocess.Popen(
-                [RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
-                 *role, *ports],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
-            wait_for_nodes(address, index + 1, started)
-        yield address, f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        for node in reversed(started):
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_for_nodes(address: str, count: int, started: list[subprocess.Popen], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert all(node.poll() is None for node in started), "a ray node exited while starting"
-        status = subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True,
-                                env={**os.environ, **RAY_ENV})
-        if status.returncode == 0 and status.stdout.count(" node_") >= count:
-            return
-        assert time.monotonic() < deadline, f"{count} ray node(s) not up after {timeout:.0f}s: {status.stdout}"
-        time.sleep(2)
-
+from conftest import RAY_ENV, ray_cluster, read_jsonl, run_module, run_on_policy
 
 STEPS = 8
 VAL_PROMPTS = 256

@@ -24,11 +24,19 @@ import json
 import os
 import random
 import shutil
-from collections import Counter
 
 import pytest
 
-from conftest import kill_session, read_jsonl, run_module, start_npd, steps_logged, wait_for
+from conftest import (
+    check_every_position_accounted_for_once,
+    checkpoint_state,
+    kill_session,
+    read_jsonl,
+    run_module,
+    start_npd,
+    steps_logged,
+    wait_for,
+)
 
 STEPS = 10
 SAVE_FREQ = 2
@@ -114,48 +122,10 @@ def break_checkpoints(out, newest: int) -> dict:
     return {"truncated": (newest, size // 2, size), "blocker": blocked / "npd"}
 
 
-def checkpoint_state(out, step: int) -> tuple[dict, list[int]]:
-    """A checkpoint's npd state and the stream positions of the samples queued in it."""
-    state_dir = out / "ckpt" / f"global_step_{step}" / "npd"
-    state = json.loads((state_dir / "state.json").read_text())
-    queued = [record["prompt"]["position"] for record in json.loads((state_dir / "buffer.json").read_text())]
-    return state, queued
-
-
-def check_every_position_accounted_for_once(out) -> None:
-    """positions.jsonl plus the final checkpoint cover the prompt stream exactly, and the buffer's
-    counters in that checkpoint agree with them."""
-    rows = read_jsonl(out / "positions.jsonl")
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
-    assert all(len(row["trained"]) == BATCH for row in rows)
-    state, queued = checkpoint_state(out, STEPS)
-    stream, counters = state["stream"], state["buffer"]["counters"]
-    trained = [p for row in rows for p in row["trained"]]
-    # The filter's drops since the last row are recorded in the checkpoint, as are queued samples
-    # and the prompts in flight (re-issued by a resume).
-    filtered = [p for row in rows for p in row["filtered"]] + stream["filtered"]
-    dropped = [p for row in rows for p in row["dropped_stale"]]
-    accounted = Counter(trained + filtered + dropped + queued + stream["reissue"])
-    missing = sorted(set(range(stream["cursor"])) - set(accounted))
-    twice = {p: n for p, n in accounted.items() if n > 1}
-    assert not missing and not twice and max(accounted) < stream["cursor"], (missing, twice)
-    # The buffer's accounting: generated = filtered + dropped as stale + trained + queued, and
-    # every position issued was generated or is in flight (one sample per prompt, none released).
-    assert counters["consumed"] == len(trained) == STEPS * BATCH
-    assert counters["filtered"] == len(filtered)
-    assert counters["dropped_stale"] == len(dropped)
-    assert counters["generated"] == len(filtered) + len(dropped) + len(trained) + len(queued)
-    assert counters["released"] == 0
-    assert counters["reserved"] == counters["generated"] + len(stream["reissue"]) == stream["cursor"]
-    history = read_jsonl(out / "metrics.jsonl")
-    assert [row["step"] for row in history] == list(range(1, STEPS + 1))
-    assert sum(row["npd/dropped_stale"] for row in history) == len(dropped)
-
-
 def test_the_uninterrupted_run_accounts_for_every_position_once(runs):
     root, *_ = runs
     out = root / "straight"
-    check_every_position_accounted_for_once(out)
+    check_every_position_accounted_for_once(out, STEPS, BATCH)
     history = read_jsonl(out / "metrics.jsonl")
     # The default settings at work: samples up to the bound of 2 versions old, and the filter drops.
     assert max(row["npd/staleness_max"] for row in history) == 2
@@ -175,7 +145,7 @@ def test_a_run_killed_twice_resumes_losing_nothing_and_training_nothing_twice(ru
     final = read_jsonl(out / "positions.jsonl")
     assert second["positions"][: first["checkpoint"]] == first["positions"][: first["checkpoint"]]
     assert final[: second["checkpoint"]] == second["positions"][: second["checkpoint"]]
-    check_every_position_accounted_for_once(out)
+    check_every_position_accounted_for_once(out, STEPS, BATCH)
 
 
 def test_the_killed_run_trains_the_same_samples_step_for_step_as_the_uninterrupted_one(runs):
@@ -210,7 +180,7 @@ def test_a_truncated_checkpoint_is_skipped_and_named_and_a_failed_write_keeps_th
         f"the checkpoint of step {newest} is intact: fix the cause and run the same command to resume from it"
     ) in faults["stderr"]
     assert faults["checkpoint"] == newest  # the marker never moved to the failed write
-    check_every_position_accounted_for_once(root / "killed")
+    check_every_position_accounted_for_once(root / "killed", STEPS, BATCH)
 
 
 def test_two_ranks_checkpoint_and_resume_with_two_ranks(runs):

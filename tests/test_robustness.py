@@ -13,15 +13,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, kill_session, read_jsonl, run_module, start_npd, steps_logged, tail, wait_for
+from conftest import (
+    FAST,
+    REPO,
+    check_every_position_accounted_for_once,
+    kill_session,
+    read_jsonl,
+    run_module,
+    start_npd,
+    steps_logged,
+    tail,
+    wait_for,
+)
 from verl_npd.rollout.scoring import RequestFailed, call_with_retries
+from verl_npd.trainer.checkpoints import checkpoint_problem
 
 QUIET = ["trainer.val_before_train=false", "trainer.test_freq=-1"]
+BATCH = 16  # FAST's data.train_batch_size
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_checkpoints_the_finished_steps_and_exits_nonzero(toy_world, tmp_path, signum):
-    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    out = tmp_path / "run"
+    ckpt = out / "ckpt"  # where check_every_position_accounted_for_once reads it
     args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=20",
             "trainer.save_freq=-1"]
     log = tmp_path / "log.txt"
@@ -40,10 +54,13 @@ def test_a_signal_checkpoints_the_finished_steps_and_exits_nonzero(toy_world, tm
     assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == list(range(1, latest + 1))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["last_checkpoint_step"] == latest
+    assert checkpoint_problem(str(ckpt / f"global_step_{latest}")) is None
+    check_every_position_accounted_for_once(out, latest, BATCH)
 
 
-def test_a_dead_rollout_server_stops_the_run_with_a_checkpoint_and_a_clear_error(toy_world, tmp_path):
-    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+def test_dead_servers_with_no_replica_left_stop_the_run_with_a_checkpoint_and_a_clear_error(toy_world, tmp_path):
+    out = tmp_path / "run"
+    ckpt = out / "ckpt"
     args = [*FAST, *QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=20",
             "trainer.save_freq=-1", "npd.generation.max_retries=1"]
     log = tmp_path / "log.txt"
@@ -59,13 +76,17 @@ def test_a_dead_rollout_server_stops_the_run_with_a_checkpoint_and_a_clear_error
         kill_session(process)
     output = log.read_text()
     assert returncode == 1, tail(log)
-    # The kill lands during a generation (retried, then given up) or during a weight sync (not
-    # retried: the server's weights would be half-written); either way the error says what died.
+    # The kill lands during a generation or a scoring (no replica is left to take the work) or
+    # during a weight sync (not retried: the server's weights would be half-written); either way
+    # the error says what died.
     assert "verl-npd: the run failed" in output, tail(log)
     died = "rollout server npd_cpu_server_0_0 failed: its process died"
-    assert "failed after 2 attempts" in output or died in output, tail(log)
+    no_replica_left = re.search(r"every (rollout|teacher '\w+') server has died", output)
+    assert no_replica_left or died in output, tail(log)
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert latest == steps_logged(out) >= 2  # every finished step is in the checkpoint
+    assert checkpoint_problem(str(ckpt / f"global_step_{latest}")) is None
+    check_every_position_accounted_for_once(out, latest, BATCH)
 
 
 def test_steps_with_non_finite_gradients_are_counted_and_a_streak_ends_the_run(toy_world, tmp_path):
@@ -74,7 +95,8 @@ def test_steps_with_non_finite_gradients_are_counted_and_a_streak_ends_the_run(t
     npd.max_nonfinite_steps=2 the run ends after step 3 with an error naming the streak and a
     checkpoint holding every finished step. Weights sync every 4 steps here, so the rollout never
     gets the blown-up weights (which end a run at once: test_non_finite_rollout_log_probs_end_the_run)."""
-    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    out = tmp_path / "run"
+    ckpt = out / "ckpt"
     args = [*QUIET, f"npd.output_dir={out}", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=8",
             "trainer.save_freq=-1", "data.train_batch_size=32", "actor_rollout_ref.actor.optim.lr=1e30",
             "npd.max_nonfinite_steps=2", "npd.sync_interval=4", "npd.buffer.max_staleness=3",
@@ -91,6 +113,8 @@ def test_steps_with_non_finite_gradients_are_counted_and_a_streak_ends_the_run(t
     assert torch.isfinite(torch.tensor(rows[0]["actor/grad_norm"])) and rows[1]["actor/grad_norm"] != rows[1]["actor/grad_norm"]
     assert "WARN: grad_norm is not finite" in (out / "run.log").read_text()  # verl's skip
     assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == 3
+    assert checkpoint_problem(str(ckpt / "global_step_3")) is None
+    check_every_position_accounted_for_once(out, 3, 32)
 
 
 def test_non_finite_rollout_log_probs_end_the_run():

@@ -27,6 +27,10 @@ synced between two engine steps and abort nothing: a request running then contin
 weights, its KV cache holding both, and the server reports the versions (``npd_cpu`` exactly, per
 engine step; verl's vLLM server as :mod:`verl_npd.engines.vllm_weight_versions` patches it); both
 clients are then the same plain one.
+
+A replica whose server dies is taken out of service (``ServerPool.take_out``: the trainer also takes
+it out of verl's load balancer and weight syncs), and what it had in flight starts again on the
+others: a response from its prompt and seed, a prefill as it was.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.exceptions import ActorDiedError
 
 from verl_npd.filters.ifd import ifd_from_nll, mean_token_nll
 from verl_npd.rollout.buffer import BufferClosed, NearPolicyBuffer, Sample
@@ -347,14 +352,22 @@ class AsyncRolloutManager:
 
     async def _generate(self, prompt: PromptItem, sample_index: int, version: int) -> Rollout:
         params = dict(self.sampling_params, logprobs=True, seed=self.sampling_seed(prompt.position, sample_index))
-        output = await call_with_retries(
-            lambda: self.student_generation_client.generate(
-                uuid.uuid4().hex, prompt_ids=prompt.prompt_ids, sampling_params=dict(params)
-            ),
-            f"rollout request for prompt #{prompt.position}",
-            self.request_timeout_s,
-            self.max_retries,
-        )
+        while True:
+            try:
+                output = await call_with_retries(
+                    lambda: self.student_generation_client.generate(
+                        uuid.uuid4().hex, prompt_ids=prompt.prompt_ids, sampling_params=dict(params)
+                    ),
+                    f"rollout request for prompt #{prompt.position}",
+                    self.request_timeout_s,
+                    self.max_retries,
+                )
+                break
+            except ActorDiedError as e:
+                # A replica died under it (verl's client routes standalone requests itself): out of
+                # service, and the request starts again on another, with the same seed.
+                if not self.student_scorer.take_out(e, in_flight=1):
+                    raise
         behaviour, spans_sync = behaviour_version(output.extra_fields, version)
         return Rollout(
             prompt=prompt,
@@ -480,6 +493,16 @@ class AsyncRolloutManager:
         with self._lock:
             positions, self.stream.filtered = self.stream.filtered, []
         return positions
+
+    def servers_lost(self) -> list[dict[str, Any]]:
+        """The servers that died during the run and were taken out, per pool, with how many
+        requests or sequences they had in flight (sent again to the others)."""
+        pools = [self.student_scorer, *self.teacher_scorers.values()]
+        return [
+            {"servers": pool.name, "dead": list(pool.dead), "moved": pool.moved}
+            for pool in pools
+            if isinstance(pool, ServerPool) and pool.dead
+        ]
 
     def checkpoint_state(self) -> tuple[list[Sample], dict[str, Any], dict[str, Any]]:
         """The buffer's queued samples and accounting and the prompt stream, taken at one instant:

@@ -15,6 +15,9 @@ itself and calls them directly. Generation is one ``generate`` call per sample. 
 Both return the same numbers (tested). One prefill gives the top-k and the actual tokens'
 log-probs, as vLLM's ``prompt_logprobs`` does: a teacher scores each sample once.
 
+A server whose process dies (Ray's ``ActorDiedError``; verl's replicas are never restarted) is taken
+out of its pool, and what it had in flight goes to the others; the run ends only when none is left.
+
 A teacher served outside the job (``npd.teacher.url``) scores through
 :class:`verl_npd.rollout.remote_teacher.HTTPTeacher`, which has the same ``score``.
 """
@@ -23,12 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
+from ray.exceptions import ActorDiedError, GetTimeoutError
 
 from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS, scoring_params
 
@@ -42,11 +48,14 @@ class RequestFailed(RuntimeError):
 
 
 async def call_with_retries(make_call: Callable, what: str, timeout_s: float, max_retries: int):
-    """Run ``make_call()`` with a timeout, retrying a bounded number of times; never hangs."""
+    """Run ``make_call()`` with a timeout, retrying a bounded number of times; never hangs. A dead
+    server is not retried: it will not answer again, and the caller moves the work (``ServerPool``)."""
     last_error: BaseException | None = None
     for attempt in range(max_retries + 1):
         try:
             return await asyncio.wait_for(make_call(), timeout=timeout_s)
+        except ActorDiedError:
+            raise
         except (asyncio.TimeoutError, TimeoutError) as e:
             last_error = e
             logger.warning(
@@ -96,22 +105,46 @@ class ServerPool:
         name: what the servers are, for error messages ("teacher", "rollout").
         batched: the servers have ``score_prompts`` (``npd_cpu``); otherwise ``generate`` is used.
         timeout_s, max_retries: per call, as for every other request.
+        labels: each server's name in messages and the summary (its replica); by default its index.
+        on_dead: called with a server's handle when it is taken out of service (the trainer takes a
+            standalone student replica out of verl's load balancer and weight syncs).
     """
 
-    def __init__(self, handles: Sequence, name: str, batched: bool, timeout_s: float, max_retries: int):
+    def __init__(
+        self,
+        handles: Sequence,
+        name: str,
+        batched: bool,
+        timeout_s: float,
+        max_retries: int,
+        labels: Sequence[str] | None = None,
+        on_dead: Callable[[Any], None] | None = None,
+    ):
         if not handles:
             raise ValueError(f"no {name} servers to score on")
         self.handles = list(handles)
+        self.labels = list(labels) if labels is not None else [f"{name} server {i}" for i in range(len(handles))]
+        if len(self.labels) != len(self.handles):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.handles)} {name} servers")
         self.name = name
         self.batched = batched
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.on_dead = on_dead
         self.calls = 0
+        # The servers taken out of service, by label, and the requests or sequences they had in
+        # flight, sent again to the others.
+        self.dead: list[str] = []
+        self.moved = 0
+        self._dead_ids: set[str] = set()
         self._next = 0
+        # The manager's event loop spreads work while the trainer's thread may take a server out
+        # (the liveness check before a weight sync).
+        self._lock = threading.Lock()
 
     async def score(self, sequences: Sequence[Sequence[int]], num_logprobs: int) -> list[PromptScores]:
         """Prefill every sequence; its scores, in order. Sequences aborted by a weight sync to
-        standalone replicas are sent again (they wait at the server until the sync is done)."""
+        standalone replicas, or in flight on a server that died, are sent again."""
         results: list[PromptScores | None] = [None] * len(sequences)
         pending = list(range(len(sequences)))
         while pending:
@@ -126,56 +159,120 @@ class ServerPool:
         return results
 
     async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any]):
-        """One generation request, as verl's ``LLMServerClient.generate`` makes it, on the next server;
-        its weight versions are reported the way verl's client reports them: the server's own
-        ``min_global_steps``/``max_global_steps`` (the versions of the first and last tokens: npd_cpu,
-        and verl's vLLM server with :mod:`verl_npd.engines.vllm_weight_versions`), else the one it
-        answered with for both."""
-        handle = self.handles[self._next]
-        self._next = (self._next + 1) % len(self.handles)
-        self.calls += 1
-        output = await handle.generate.remote(
-            prompt_ids=prompt_ids, sampling_params=sampling_params, request_id=request_id
-        )
+        """One generation request, as verl's ``LLMServerClient.generate`` makes it, on the next server
+        (the next one again if that one has died); its weight versions are reported the way verl's
+        client reports them: the server's own ``min_global_steps``/``max_global_steps`` (the versions
+        of the first and last tokens: npd_cpu, and verl's vLLM server with
+        :mod:`verl_npd.engines.vllm_weight_versions`), else the one it answered with for both."""
+        while True:
+            with self._lock:
+                handle = self.handles[self._next % len(self.handles)]
+                self._next = (self._next + 1) % len(self.handles)
+            self.calls += 1
+            try:
+                output = await handle.generate.remote(
+                    prompt_ids=prompt_ids, sampling_params=sampling_params, request_id=request_id
+                )
+                break
+            except ActorDiedError as e:
+                if not self.take_out(e, in_flight=1):
+                    raise
         version = output.extra_fields.get("global_steps")
         output.extra_fields.setdefault("min_global_steps", version)
         output.extra_fields.setdefault("max_global_steps", version)
         return output
 
+    def take_out(self, error: BaseException, in_flight: int) -> bool:
+        """If ``error`` is the death of one of these servers, take it out of service (once) and count
+        its ``in_flight`` work as moved; True if the dead server is one of these. Raises
+        ``RequestFailed`` when none is left."""
+        actor_id = getattr(error, "actor_id", None) if isinstance(error, ActorDiedError) else None
+        if actor_id is None:
+            return False
+        with self._lock:
+            ids = [handle._actor_id.hex() for handle in self.handles]
+            handle = None
+            if actor_id in ids:
+                index = ids.index(actor_id)
+                handle = self.handles.pop(index)
+                self.dead.append(self.labels.pop(index))
+                self._dead_ids.add(actor_id)
+                self._next = self._next % len(self.handles) if self.handles else 0
+            elif actor_id not in self._dead_ids:
+                return False
+            self.moved += in_flight
+            left = len(self.handles)
+        if handle is not None:
+            logger.warning(
+                "verl-npd: %s died; it is out of service and its work goes to the %d left", self.dead[-1], left
+            )
+            if self.on_dead is not None:
+                self.on_dead(handle)
+        if not left:
+            raise RequestFailed(f"every {self.name} server has died ({', '.join(self.dead)})") from error
+        return True
+
+    def check_alive(self, timeout_s: float) -> None:
+        """Ask every server whether it is alive, and take out those that have died (called from the
+        trainer's thread before a weight sync: a server that died with nothing in flight would
+        otherwise fail the sync). A server that does not answer within ``timeout_s`` is busy, not dead."""
+        with self._lock:
+            handles = list(self.handles)
+        for ready in [handle.__ray_ready__.remote() for handle in handles]:
+            try:
+                ray.get(ready, timeout=timeout_s)
+            except ActorDiedError as e:
+                self.take_out(e, in_flight=0)
+            except GetTimeoutError:
+                pass
+
     def _spread(self, indices: list[int]) -> list[tuple[Any, list[int]]]:
         """Deal ``indices`` round-robin over the servers, continuing where the last call stopped,
         so small waves do not all land on the first server."""
-        shares: list[list[int]] = [[] for _ in self.handles]
-        for i in indices:
-            shares[self._next].append(i)
-            self._next = (self._next + 1) % len(self.handles)
-        return [(handle, share) for handle, share in zip(self.handles, shares, strict=True) if share]
+        with self._lock:
+            handles = list(self.handles)
+            shares: list[list[int]] = [[] for _ in handles]
+            for i in indices:
+                self._next %= len(handles)
+                shares[self._next].append(i)
+                self._next += 1
+        return [(handle, share) for handle, share in zip(handles, shares, strict=True) if share]
 
     async def _score_share(self, handle, sequences: list[Sequence[int]], num_logprobs: int):
+        """A server's share of the sequences; ``None`` for each one it did not score (aborted by a
+        weight sync, or the server died: then it is taken out, and ``score`` sends them again)."""
         what = f"{self.name} scoring of {len(sequences)} sequence(s)"
-        if self.batched:
-            self.calls += 1
+        if not self.batched:
+            return await asyncio.gather(*[self._score_one(handle, s, num_logprobs, what) for s in sequences])
+        self.calls += 1
+        try:
             answers = await call_with_retries(
                 lambda: handle.score_prompts.remote([list(s) for s in sequences], num_logprobs),
                 what,
                 self.timeout_s,
                 self.max_retries,
             )
-            return [
-                None if a is None else PromptScores.from_extra_fields(a, len(s)) for a, s in zip(answers, sequences)
-            ]
-        return await asyncio.gather(*[self._score_one(handle, s, num_logprobs, what) for s in sequences])
+        except ActorDiedError as e:
+            if not self.take_out(e, in_flight=len(sequences)):
+                raise
+            return [None] * len(sequences)
+        return [None if a is None else PromptScores.from_extra_fields(a, len(s)) for a, s in zip(answers, sequences)]
 
     async def _score_one(self, handle, sequence: Sequence[int], num_logprobs: int, what: str) -> PromptScores | None:
         self.calls += 1
-        output = await call_with_retries(
-            lambda: handle.generate.remote(
-                prompt_ids=list(sequence), sampling_params=scoring_params(num_logprobs), request_id=uuid.uuid4().hex
-            ),
-            what,
-            self.timeout_s,
-            self.max_retries,
-        )
+        try:
+            output = await call_with_retries(
+                lambda: handle.generate.remote(
+                    prompt_ids=list(sequence), sampling_params=scoring_params(num_logprobs), request_id=uuid.uuid4().hex
+                ),
+                what,
+                self.timeout_s,
+                self.max_retries,
+            )
+        except ActorDiedError as e:
+            if not self.take_out(e, in_flight=1):
+                raise
+            return None
         if output.stop_reason in _ABORTED:
             return None
         return PromptScores.from_extra_fields(output.extra_fields, len(sequence))

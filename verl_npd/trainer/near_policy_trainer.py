@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from ray.exceptions import ActorDiedError
 from tqdm.auto import tqdm
 
 from verl import DataProto
@@ -63,6 +65,9 @@ from verl_npd.trainer.summary import RunSummary, validation_accuracy, write_text
 
 logger = logging.getLogger("verl_npd")
 
+# How long a standalone replica's server may take to answer the liveness check before a weight sync;
+# one that is busy past it counts as alive (only a dead one is taken out).
+LIVENESS_TIMEOUT_S = 10.0
 
 
 class NearPolicyTrainer(RayPPOTrainer):
@@ -100,6 +105,9 @@ class NearPolicyTrainer(RayPPOTrainer):
         # empty until the workers are up and training begins.
         self.progress: dict[str, Any] = {}
         self.rollout_manager: AsyncRolloutManager | None = None
+        # The version a weight sync in progress sends, and the one a stop request arrived during.
+        self.syncing_to: int | None = None
+        self.stopped_during_sync: int | None = None
         # verl's own switch for a rollout pool of its own (rollout.yaml: "Number of nodes for
         # standalone rollout server"), as in its separate_async trainer.
         self.standalone_rollout = rollout.nnodes > 0
@@ -169,17 +177,25 @@ class NearPolicyTrainer(RayPPOTrainer):
     def _build_rollout_manager(self) -> AsyncRolloutManager:
         rollout = self.config.actor_rollout_ref.rollout
         generation = self.npd.generation
-        def pool(handles, name: str, engine: str) -> ServerPool:
+        def pool(handles, name: str, engine: str, labels=None, on_dead=None) -> ServerPool:
             return ServerPool(
                 handles,
                 name=name,
                 batched=engine == CPU_ROLLOUT_NAME,
                 timeout_s=generation.request_timeout_s,
                 max_retries=generation.max_retries,
+                labels=labels,
+                on_dead=on_dead,
             )
 
         student_servers = self.standalone_server_manager if self.standalone_rollout else self.llm_server_manager
-        student_pool = pool(student_servers.server_handles, "rollout", rollout.name)
+        student_pool = pool(
+            student_servers.server_handles,
+            "rollout",
+            rollout.name,
+            labels=[f"student rollout replica {r.replica_rank}" for r in student_servers.get_replicas()],
+            on_dead=self._take_out_student_replica if self.standalone_rollout else None,
+        )
         if self.standalone_rollout:
             # A weight sync aborts what standalone replicas generate; verl's client resumes it.
             from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient
@@ -258,9 +274,26 @@ class NearPolicyTrainer(RayPPOTrainer):
             }
         teachers = self.teacher_model_manager.distillation_config.teacher_models
         return {
-            key: pool(handles, f"teacher {key!r}", teachers[key].inference.name)
+            key: pool(
+                handles,
+                f"teacher {key!r}",
+                teachers[key].inference.name,
+                labels=[f"teacher {key!r} replica {rank}" for rank in range(len(handles))],
+            )
             for key, handles in self.teacher_model_manager.server_handles.items()
         }
+
+    def _take_out_student_replica(self, server) -> None:
+        """A standalone student replica whose server died: out of verl's load balancer (which would
+        route requests to it again) and of the weight syncs (which would fail on it), and its
+        workers, which hold its GPUs, stopped. Colocated replicas run in the trainer's workers and
+        cannot be taken out: their death fails the next weight sync, which ends the run."""
+        manager = self.standalone_server_manager
+        (replica,) = [r for r in manager.get_replicas() if r._server_handle._actor_id == server._actor_id]
+        manager.global_load_balancer.remove_servers.remote([replica._server_address])
+        self.standalone_checkpoint_manager.remove_replicas([replica])
+        for worker in replica.workers:
+            ray.kill(worker, no_restart=True)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -356,6 +389,8 @@ class NearPolicyTrainer(RayPPOTrainer):
         self.rollout_manager.stop()
         if self.stop_requested.is_set():
             self._save_on_the_way_out("a stop was requested")
+        summary.extra["servers_lost"] = self.rollout_manager.servers_lost()
+        summary.extra["stopped_during_sync"] = self.stopped_during_sync
         result = summary.finish(
             steps_run=self.global_steps - first_step,
             buffer_counters=self.buffer.counters.as_dict(),
@@ -394,7 +429,11 @@ class NearPolicyTrainer(RayPPOTrainer):
 
     def request_stop(self) -> None:
         """Finish the step in progress (or abandon a wait for samples), checkpoint and return.
-        Called from another thread (the task runner's, on SIGTERM/SIGINT of the driver)."""
+        Called from another thread (the task runner's, on SIGTERM/SIGINT of the driver). A weight
+        sync in progress finishes first: the rollout then holds the weights of the checkpoint."""
+        if self.syncing_to is not None:
+            self.stopped_during_sync = self.syncing_to
+            logger.warning("verl-npd: stop requested during the weight sync to version %d; it finishes first", self.syncing_to)
         self.stop_requested.set()
         self.buffer.close()
 
@@ -413,7 +452,25 @@ class NearPolicyTrainer(RayPPOTrainer):
         """Send the student's weights to the replicas that generate its samples."""
         start = time.perf_counter()
         manager = self.standalone_checkpoint_manager if self.standalone_rollout else self.checkpoint_manager
-        engine_metrics = manager.update_weights(step) or {}
+        students = self.rollout_manager.student_scorer if self.standalone_rollout and self.rollout_manager else None
+        if students is not None:
+            # A replica that died with nothing in flight is found here, not by the sync failing on it.
+            students.check_alive(timeout_s=LIVENESS_TIMEOUT_S)
+        self.syncing_to = step
+        try:
+            while True:
+                try:
+                    engine_metrics = manager.update_weights(step) or {}
+                    break
+                except ActorDiedError as e:
+                    # A replica's server died during the sync's calls to the servers (the abort
+                    # before the transfer, the resume after it: verl's checkpoint_engine/base.py
+                    # :522-560): it is taken out, and the others are synced again. A death during
+                    # the transfer reaches here as the worker's error instead, and ends the run.
+                    if students is None or not students.take_out(e, in_flight=0):
+                        raise
+        finally:
+            self.syncing_to = None
         self.buffer.set_rollout_version(step)
         return {"timing/sync": time.perf_counter() - start, **engine_metrics}
 

@@ -177,6 +177,10 @@ def format_summary(result: dict[str, Any], output_dir: str, log_path: str | None
     lines = ["", "=" * (width + 14), "NPD run summary", "-" * (width + 14)]
     lines += [f"{name:<{width}}  {value:>10}" for name, value in rows]
     lines += ["-" * (width + 14), f"student model (Hugging Face): {result['student_dir']}"]
+    for lost in result.get("servers_lost") or ():
+        lines.append(f"{lost['servers']} servers lost: {', '.join(lost['dead'])}; their {lost['moved']} requests in flight went to the others")
+    if result.get("stopped_during_sync") is not None:
+        lines.append(f"the stop came during the weight sync to version {result['stopped_during_sync']}, which finished first")
     for skipped in result.get("unusable_checkpoints") or ():
         lines.append(f"the checkpoint of step {skipped['step']} was unusable ({skipped['problem']}): resumed from an earlier one")
     lines.append(f"written to {output_dir}/summary.json (metrics.jsonl, accuracy.png)")
