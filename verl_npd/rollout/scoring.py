@@ -34,7 +34,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, GetTimeoutError
+from ray.exceptions import ActorDiedError
 
 from verl_npd.engines.prompt_logprobs import PROMPT_TOKEN_LOGPROBS, scoring_params
 
@@ -186,7 +186,7 @@ class ServerPool:
         """If ``error`` is the death of one of these servers, take it out of service (once) and count
         its ``in_flight`` work as moved; True if the dead server is one of these. Raises
         ``RequestFailed`` when none is left."""
-        actor_id = getattr(error, "actor_id", None) if isinstance(error, ActorDiedError) else None
+        actor_id = error.actor_id if isinstance(error, ActorDiedError) else None
         if actor_id is None:
             return False
         with self._lock:
@@ -218,13 +218,12 @@ class ServerPool:
         otherwise fail the sync). A server that does not answer within ``timeout_s`` is busy, not dead."""
         with self._lock:
             handles = list(self.handles)
-        for ready in [handle.__ray_ready__.remote() for handle in handles]:
+        answered, _ = ray.wait([h.__ray_ready__.remote() for h in handles], num_returns=len(handles), timeout=timeout_s)
+        for ready in answered:
             try:
-                ray.get(ready, timeout=timeout_s)
+                ray.get(ready)
             except ActorDiedError as e:
                 self.take_out(e, in_flight=0)
-            except GetTimeoutError:
-                pass
 
     def _spread(self, indices: list[int]) -> list[tuple[Any, list[int]]]:
         """Deal ``indices`` round-robin over the servers, continuing where the last call stopped,
