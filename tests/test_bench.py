@@ -12,6 +12,7 @@ share and stop) are checked here without Ray.
 import json
 import math
 import os
+import subprocess
 import urllib.request
 
 import pytest
@@ -558,12 +559,71 @@ def test_a_benchmark_stopped_midway_leaves_the_results_of_the_runs_it_finished(t
     assert "- runs completed: 1 of 2" in (tmp_path / "results.md").read_text()
 
 
+def test_a_resumed_benchmark_keeps_the_trials_and_finished_runs_and_makes_only_the_rest(tmp_path, monkeypatch):
+    """Stopped during its third run, then resumed from a docs-only later commit: the trials and the
+    two finished runs are kept as they were, the third run's leftovers are cleared, and the results
+    name both parts. Other code, other settings or a dirty tree are refused, naming why."""
+    from verl_npd.bench import __main__ as cli
+    from verl_npd.bench import runner
+
+    code = {"verl_npd": "a" * 40, "recipes": "b" * 40, "setup.py": "c" * 40}
+    state = {"commit": "1" * 40, "local_changes": False, "changed_files": [], "code": code}
+    monkeypatch.setattr(runner, "source_state", lambda out: dict(state))
+    monkeypatch.setattr(cli, "source_state", lambda out: dict(state))
+    monkeypatch.setattr(Benchmark, "_prepare_toy", lambda self: setattr(self, "teacher_accuracy", 0.99))
+    calls = []
+
+    def fake_run(self, method, seed, desc, run_dir, threads, trial=False):
+        calls.append((method.name, seed, threads, trial))
+        if trial:
+            return {"status": "ok", "process_wall_s": 9.0, "train_s_per_step": {1: 0.5, 2: 0.4}[threads]}
+        if (method.name, seed) == ("npd", 2) and len(calls) == 7:
+            os.makedirs(run_dir)  # a stopped run leaves its folder behind
+            raise KeyboardInterrupt
+        assert not os.path.exists(run_dir)
+        return {"seed": seed, "status": "failed", "returncode": 1, "process_wall_s": 1.0, "log": f"{len(calls)}"}
+
+    monkeypatch.setattr(Benchmark, "_run_method", fake_run)
+    argv = ["--methods", "npd,opd", "--seeds", "2", "--steps", "2", "--threads", "1,2", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert len(calls) == 7 and calls[4:6] == [("npd", 1, 2, False), ("opd", 1, 2, False)]
+
+    state["commit"] = "2" * 40  # a later commit that changed the docs only
+    calls.clear()
+    assert cli.main([*argv, "--resume"]) == 1  # every fake run "failed"
+    assert calls == [("npd", 2, 2, False), ("opd", 2, 2, False)]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [run["log"] for run in results["methods"]["npd"]["runs"]] == ["5", "1"]
+    assert [t["train_s_per_step"] for t in results["thread_trials"]["opd"]] == [0.5, 0.4]
+    assert results["settings"]["runs completed"] == "4 of 4" and results["settings"]["commit"] == "2" * 40
+    assert results["settings"]["earlier parts"][0]["commit"] == "1" * 40
+    assert results["settings"]["earlier parts"][0]["runs completed"] == "2 of 4"
+
+    def refused(**changed):
+        previous = json.loads((tmp_path / "results.json").read_text())
+        settings = {**previous["settings"], **changed}
+        return runner.resume_problem(previous, settings, ["npd", "opd"], 0.99)
+
+    assert refused() is None
+    assert "verl_npd differ" in refused(code={**code, "verl_npd": "d" * 40})
+    assert "local changes (verl_npd/x.py)" in refused(local_changes=True, changed_files=["verl_npd/x.py"])
+    assert "its steps was 2, this run's is 3" in refused(steps=3)
+    assert cli.main([*argv, "--seeds", "3", "--resume"]) == 2 and calls[2:] == []
+    assert cli.main([*argv, "--resume", "--out", str(tmp_path / "elsewhere")]) == 2
+
+
 def test_results_record_their_commit_and_the_benchmark_refuses_a_dirty_tree_in_docs(tmp_path, monkeypatch):
     from verl_npd.bench import __main__ as cli
     from verl_npd.bench import runner
 
     state = runner.source_state(str(tmp_path))
     assert len(state["commit"]) == 40 and state["local_changes"] in (True, False)
+    for path, tree in state["code"].items():  # what --resume compares: HEAD's trees of the code
+        listed = subprocess.run(
+            ["git", "ls-tree", "HEAD", path], cwd=runner.REPO_ROOT, capture_output=True, text=True, check=True
+        )
+        assert listed.stdout.split()[2] == tree
     assert runner.reference_results_dir(os.path.join(runner.REPO_ROOT, "docs", "benchmarks", "toy_cpu"))
     assert not runner.reference_results_dir(str(tmp_path))
 

@@ -1,12 +1,12 @@
 """``python -m verl_npd.bench [--mini] [--steps N] [--seeds N] [--methods a,b] [--threads auto|N,M] [--out DIR]
-[--gpu-recipe DIR --teacher-accuracy A] [--allow-dirty]``"""
+[--gpu-recipe DIR --teacher-accuracy A] [--allow-dirty] [--resume]``"""
 
 import argparse
 import dataclasses
 import sys
 
 from verl_npd.bench.methods import DEFAULT_METHODS, METHOD_NAMES, select_methods
-from verl_npd.bench.runner import Benchmark, reference_results_dir, source_state
+from verl_npd.bench.runner import Benchmark, CannotResume, reference_results_dir, source_state
 from verl_npd.bench.settings import GPU_RECIPE, TOY_FULL, TOY_MINI, Recipe
 
 
@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--allow-dirty",
         action="store_true",
         help="write into docs/benchmarks/ although the checkout has local changes (the results record it)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the benchmark stopped in --out (the same arguments otherwise): its thread trials and "
+        "finished runs are kept and the rest of its runs made, if the package, recipes and setup.py are those "
+        "it ran (a later commit that changed only other files may) and every setting is the same",
     )
     parser.add_argument(
         "--teacher-accuracy",
@@ -107,7 +114,7 @@ def main(argv=None) -> int:
             )
             return 2
     threads = None if args.mini and args.threads == "auto" else args.threads
-    results = Benchmark(
+    benchmark = Benchmark(
         recipe,
         scale,
         methods,
@@ -115,7 +122,13 @@ def main(argv=None) -> int:
         threads=threads,
         trial_steps=args.trial_steps,
         teacher_accuracy=args.teacher_accuracy,
-    ).run()
+        resume=args.resume,
+    )
+    try:
+        results = benchmark.run()
+    except CannotResume as e:
+        print(f"verl_npd.bench: {e}", file=sys.stderr)
+        return 2
     failed = [name for name, m in results["methods"].items() if m["status"] == "failed"]
     if failed:
         print(f"failed: {', '.join(failed)} (see their run.log)", file=sys.stderr)

@@ -4,6 +4,7 @@ with a progress bar per run, then writes the results."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -133,7 +134,50 @@ def source_state(out_dir: str) -> dict:
         return {"commit": None, "local_changes": None, "note": f"{REPO_ROOT} is not a git checkout"}
     out = os.path.relpath(os.path.abspath(out_dir), REPO_ROOT)
     changed = [line[3:] for line in status.splitlines() if not line[3:].startswith(out + os.sep)]
-    return {"commit": commit, "local_changes": bool(changed), "changed_files": changed[:20]}
+    code = git("rev-parse", *(f"HEAD:{path}" for path in CODE_PATHS)).split()
+    return {
+        "commit": commit,
+        "local_changes": bool(changed),
+        "changed_files": changed[:20],
+        "code": dict(zip(CODE_PATHS, code)),
+    }
+
+
+# What a run executes: the package, the recipes it composes and the pinned dependencies. A later commit
+# whose git trees of these are the same ran the same code (docs-only commits, such as a benchmark's
+# partial results, leave them alone), so a resumed benchmark may go on from it.
+CODE_PATHS = ("verl_npd", "recipes", "setup.py")
+
+
+def resume_problem(previous: dict, settings: dict, methods: list[str], teacher_accuracy: float | None) -> str | None:
+    """Why the benchmark whose results are ``previous`` cannot be continued by one with ``settings``
+    (its source state included) and ``methods``, or None when it can."""
+    before = previous["settings"]
+    if not before.get("code"):
+        return "its results.json does not record its code's git trees (it predates --resume)"
+    for name, source in (("its results", before), ("this checkout", settings)):
+        if source.get("local_changes") is not False:
+            return f"{name} came from a tree with local changes ({', '.join(source.get('changed_files', []))})"
+    if before["code"] != settings["code"]:
+        differ = [path for path in CODE_PATHS if before["code"].get(path) != settings["code"][path]]
+        return f"the code changed since commit {before['commit'][:12]} ({', '.join(differ)} differ)"
+    for key, value in settings.items():
+        if key not in RUN_SPECIFIC and before.get(key) != value:
+            return f"its {key} was {before.get(key)!r}, this run's is {value!r}"
+    if list(previous["methods"]) != methods:
+        return f"it ran the methods {list(previous['methods'])}, this run's are {methods}"
+    if previous["teacher_accuracy"] != teacher_accuracy:
+        return f"its teacher accuracy was {previous['teacher_accuracy']}, now {teacher_accuracy}"
+    return None
+
+
+class CannotResume(Exception):
+    """The benchmark in the output folder cannot be continued; the message says why."""
+
+
+# Settings that may differ between the parts of a resumed benchmark: the commit may be a docs-only
+# descendant, the machine may be another of the same kind; each part records its own.
+RUN_SPECIFIC = ("commit", "machine", "runs completed", "earlier parts")
 
 
 def reference_results_dir(out_dir: str) -> bool:
@@ -152,11 +196,13 @@ class Benchmark:
         threads: str | list[int] | None = None,
         trial_steps: int = 20,
         teacher_accuracy: float | None = None,
+        resume: bool = False,
     ):
         """``threads``, torch threads per process: None, the default share for every method; one
         number, that for every method; several, each method is tried with each before its seeds run
         (``trial_steps`` steps) and keeps the fastest; "auto", those of the default share and of
-        every core."""
+        every core. ``resume``: go on with the benchmark whose results are in ``out_dir``, keeping
+        its thread trials and finished runs, if it ran the same code with the same settings."""
         self.recipe, self.scale, self.methods = recipe, scale, methods
         self.out_dir = os.path.abspath(out_dir)
         self.data_dir = os.path.join(self.out_dir, "data")
@@ -164,6 +210,7 @@ class Benchmark:
         self.teacher_accuracy = teacher_accuracy
         self.threads = threads
         self.trial_steps = trial_steps
+        self.resume = resume
 
     def run(self) -> dict:
         """Every method once per seed; seed after seed, so that a drift of the machine over the
@@ -174,38 +221,68 @@ class Benchmark:
             os.environ.setdefault(OMP_WAIT_POLICY_ENV, "PASSIVE")
             self._prepare_toy()
         splits = self._thread_splits()
+        settings = {**self._settings(), **source}
         methods = {
             m.name: {"label": m.label, "opd_mode": m.opd_mode, "runs": [], "threads": splits[0] if splits else None}
             for m in self.methods
         }
         for m in self.methods:
-            shutil.rmtree(os.path.join(self.out_dir, m.name), ignore_errors=True)  # NPD appends: start clean
             skipped = self._why_skipped(m)
             if skipped:
                 methods[m.name].update(status="skipped", error=skipped)
         runnable = [m for m in self.methods if methods[m.name].get("status") != "skipped"]
-        trials = self._thread_trials(runnable, splits) if len(splits) > 1 else {}
+        if self.resume:
+            trials, done = self._resumed(settings, methods)
+        else:
+            for m in self.methods:
+                shutil.rmtree(os.path.join(self.out_dir, m.name), ignore_errors=True)  # NPD appends: start clean
+            trials = self._thread_trials(runnable, splits) if len(splits) > 1 else {}
+            done = 0
         for name, tried in trials.items():
             fastest = min((t for t in tried if t["status"] == "ok"), key=lambda t: t["train_s_per_step"], default=None)
             if fastest is not None:
                 methods[name]["threads"] = fastest["threads"]
-        plan = [(seed, m) for seed in self.scale.seed_values for m in runnable]
-        settings = {**self._settings(), **source}
-        results = self._write({**settings, "runs completed": "0 of 0"}, methods, trials) if not plan else {}
-        for index, (seed, method) in enumerate(plan, 1):
-            tag = f"[{index}/{len(plan)}] {method.name} seed {seed}"
+        ran = {(run["seed"], name) for name, m in methods.items() for run in m["runs"]}
+        plan = [(seed, m) for seed in self.scale.seed_values for m in runnable if (seed, m.name) not in ran]
+        total = done + len(plan)
+        results = self._write({**settings, "runs completed": f"{done} of {total}"}, methods, trials) if not plan else {}
+        for index, (seed, method) in enumerate(plan, done + 1):
+            tag = f"[{index}/{total}] {method.name} seed {seed}"
             threads = methods[method.name]["threads"]
             print(f"\n{tag}: {method.label}, {threads or 'the default'} threads per process", flush=True)
             run_dir = os.path.join(self.out_dir, method.name, f"seed{seed}")
+            shutil.rmtree(run_dir, ignore_errors=True)  # what a stopped benchmark left of this run
             run = self._run_method(method, seed, tag, run_dir, threads)
             methods[method.name]["runs"].append(run)
             print(f"{tag}: {run['status']} in {run['process_wall_s']:.0f} s", flush=True)
             # Written after every run, so that a benchmark stopped midway leaves what it measured,
             # saying how much of the plan that is.
-            results = self._write({**settings, "runs completed": f"{index} of {len(plan)}"}, methods, trials)
+            results = self._write({**settings, "runs completed": f"{index} of {total}"}, methods, trials)
         print("\n" + report.format_markdown(results))
         print(f"written to {self.out_dir}/results.json, results.md and the PNGs")
         return results
+
+    def _resumed(self, settings: dict, methods: dict[str, dict]) -> tuple[dict[str, list[dict]], int]:
+        """The earlier benchmark's thread trials and runs, taken into ``methods`` (each method's kept
+        split included), and how many runs it finished; ``settings`` gains its part's provenance.
+        Refuses (CannotResume, naming why) to go on from other code or other settings."""
+        path = os.path.join(self.out_dir, "results.json")
+        if not os.path.exists(path):
+            raise CannotResume(f"--resume: there is no {path} to go on from")
+        with open(path) as f:
+            previous = json.load(f)
+        problem = resume_problem(previous, settings, list(methods), self.teacher_accuracy)
+        if problem:
+            raise CannotResume(f"--resume: {path} cannot be continued: {problem}")
+        before = previous["settings"]
+        part = {key: before[key] for key in ("commit", "machine", "runs completed")}
+        settings["earlier parts"] = [*before.get("earlier parts", []), part]
+        for name, method in previous["methods"].items():
+            if method.get("status") != "skipped":
+                methods[name].update(runs=method["runs"], threads=method["threads"])
+        done = sum(len(m["runs"]) for m in methods.values())
+        print(f"resuming: {done} runs and the thread trials kept from commit {before['commit'][:12]}", flush=True)
+        return previous.get("thread_trials", {}), done
 
     def _write(self, settings: dict, methods: dict[str, dict], trials: dict[str, list[dict]]) -> dict:
         """results.{json,md} and the plots of the methods that have run so far."""
