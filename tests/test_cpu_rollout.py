@@ -460,8 +460,9 @@ def test_a_server_that_dies_mid_call_is_taken_out_and_its_work_goes_to_the_other
     """A pool of the real server and one that dies with work in flight (a stand-in that holds every
     call until it is killed): the dead one's share of a wave, and a generation request that landed
     on it, are answered by the live one exactly as a pool of the live one alone answers them; the
-    liveness check finds a server that died idle; with none left, the error names them."""
-    from verl_npd.rollout.scoring import RequestFailed, ServerPool
+    liveness check finds a server that died idle; with none left, the error names them, and the
+    requests that start later get it too."""
+    from verl_npd.rollout.scoring import RequestFailed, ServerPool, call_with_retries
 
     class Frozen:
         """Holds every call until it is killed. Local, so that Ray ships it by value."""
@@ -527,3 +528,14 @@ def test_a_server_that_dies_mid_call_is_taken_out_and_its_work_goes_to_the_other
     pool = ServerPool(gone, name="teacher 'x'", batched=True, timeout_s=60, max_retries=0, labels=["t0", "t1"])
     with pytest.raises(RequestFailed, match=r"every teacher 'x' server has died \((t0, t1|t1, t0)\)"):
         asyncio.run(pool.score(sequences, 4))
+    # Requests that start after the last server was taken out get the same error, and it is not
+    # retried (the race that once surfaced as a ZeroDivisionError in the round-robin).
+    none_left = r"^every teacher 'x' server has died \((t0, t1|t1, t0)\)$"
+    with pytest.raises(RequestFailed, match=none_left):
+        asyncio.run(call_with_retries(
+            lambda: pool.generate("r", prompt_ids=PROMPTS[0], sampling_params=dict(params)), "rollout request",
+            timeout_s=60, max_retries=1))  # fmt: skip
+    with pytest.raises(RequestFailed, match=none_left):
+        asyncio.run(pool.score(sequences, 4))
+    with pytest.raises(RequestFailed, match=none_left):
+        pool.check_alive(timeout_s=10)

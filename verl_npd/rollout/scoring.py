@@ -49,12 +49,13 @@ class RequestFailed(RuntimeError):
 
 async def call_with_retries(make_call: Callable, what: str, timeout_s: float, max_retries: int):
     """Run ``make_call()`` with a timeout, retrying a bounded number of times; never hangs. A dead
-    server is not retried: it will not answer again, and the caller moves the work (``ServerPool``)."""
+    server is not retried: it will not answer again, and the caller moves the work (``ServerPool``);
+    nor is a ``RequestFailed`` from inside (every server has died: nothing is left to retry on)."""
     last_error: BaseException | None = None
     for attempt in range(max_retries + 1):
         try:
             return await asyncio.wait_for(make_call(), timeout=timeout_s)
-        except ActorDiedError:
+        except (ActorDiedError, RequestFailed):
             raise
         except (asyncio.TimeoutError, TimeoutError) as e:
             last_error = e
@@ -166,6 +167,7 @@ class ServerPool:
         :mod:`verl_npd.engines.vllm_weight_versions`), else the one it answered with for both."""
         while True:
             with self._lock:
+                self._raise_if_none_left()
                 handle = self.handles[self._next % len(self.handles)]
                 self._next = (self._next + 1) % len(self.handles)
             self.calls += 1
@@ -209,14 +211,24 @@ class ServerPool:
             if self.on_dead is not None:
                 self.on_dead(handle)
         if not left:
-            raise RequestFailed(f"every {self.name} server has died ({', '.join(self.dead)})") from error
+            raise self._none_left() from error
         return True
+
+    def _none_left(self) -> RequestFailed:
+        return RequestFailed(f"every {self.name} server has died ({', '.join(self.dead)})")
+
+    def _raise_if_none_left(self) -> None:
+        """Called under the lock: a request that starts after another one (or the trainer's liveness
+        check) took the last server out fails with the same error that one got."""
+        if not self.handles:
+            raise self._none_left()
 
     def check_alive(self, timeout_s: float) -> None:
         """Ask every server whether it is alive, and take out those that have died (called from the
         trainer's thread before a weight sync: a server that died with nothing in flight would
         otherwise fail the sync). A server that does not answer within ``timeout_s`` is busy, not dead."""
         with self._lock:
+            self._raise_if_none_left()
             handles = list(self.handles)
         answered, _ = ray.wait([h.__ray_ready__.remote() for h in handles], num_returns=len(handles), timeout=timeout_s)
         for ready in answered:
@@ -229,6 +241,7 @@ class ServerPool:
         """Deal ``indices`` round-robin over the servers, continuing where the last call stopped,
         so small waves do not all land on the first server."""
         with self._lock:
+            self._raise_if_none_left()
             handles = list(self.handles)
             shares: list[list[int]] = [[] for _ in handles]
             for i in indices:
