@@ -59,6 +59,25 @@ def run_module(module: str, args: list[str], timeout: float = 900, env: dict | N
     )
 
 
+def run_main_npd_cases(cases: list[list[str]], tmp_dir, timeout: float = 600) -> list[dict]:
+    """``main_npd`` once per case (a list of arguments), all in one fresh process
+    (``tests/main_npd_cases.py``): per case its exit code, stdout, stderr, seconds and whether Ray
+    was started."""
+    cases_path, results_path = os.path.join(tmp_dir, "cases.json"), os.path.join(tmp_dir, "results.json")
+    with open(cases_path, "w") as f:
+        json.dump(cases, f)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "main_npd_cases.py"), cases_path, results_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(results_path) as f:
+        return json.load(f)
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

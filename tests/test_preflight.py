@@ -3,97 +3,104 @@
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, TOY_CONFIG, compose, run_module
+from conftest import REPO, TOY_CONFIG, compose, run_main_npd_cases, run_module
 
 from tiny_models import build_tiny_qwen2, build_tiny_tokenizer
 
 
-@pytest.mark.parametrize(
-    "overrides, expected",
-    [
-        (["npd.buffer.max_staleness=-1"], "npd.buffer.max_staleness must be >= 0, got -1"),
-        (["npd.filter.lo=0.9", "npd.filter.hi=0.1"], "npd.filter.lo (0.9) must not exceed npd.filter.hi (0.1)"),
-        (["npd.sync_interval=0"], "npd.sync_interval must be >= 1, got 0"),
-        (["npd.sync_interval=4", "npd.buffer.max_staleness=1"], "npd.sync_interval=4 with npd.buffer.max_staleness=1"),
-        # The buffer must hold a step's samples (a check across the npd and data sections).
-        (
-            ["npd.buffer.capacity=32"],
-            "npd.buffer.capacity=32 cannot hold a training batch: data.train_batch_size * actor_rollout_ref.rollout.n = 64",
-        ),
-        # One home per setting: NPD reads verl's step count and token budget.
-        (["+npd.total_steps=150"], "npd.total_steps is verl's trainer.total_training_steps"),
-        (
-            ["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64"],
-            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64 (NPD's micro-batch token budget) is less than "
-            "the longest sample, data.max_prompt_length + data.max_response_length = 88",
-        ),
-        (["npd.loss.beta=1.5"], "npd.loss.beta must lie in [0, 1], got 1.5"),
-        (["+npd.loss.chunk_size=7"], "npd.loss.chunk_size is verl's distillation.distillation_loss.chunked_topk_chunk_size"),
-        (
-            ["+distillation.distillation_loss.chunked_topk_chunk_size=0"],  # verl's field, not in its yaml
-            "distillation.distillation_loss.chunked_topk_chunk_size=0: npd_forward_kl_topk gathers",
-        ),
-        (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
-        # A mistyped key fails in one line naming the nearest one (Hydra's own error takes six).
-        (["npd.buffer.capasity=3"], "verl-npd: npd.buffer.capasity: NPD has no such setting; did you mean npd.buffer.capacity?"),
-        # verl would fail after Ray started, with PyTorch's sampler error that names no key.
-        (["data.train_batch_size=0"], "verl-npd: data.train_batch_size=0: must be an integer of 1 or more"),
-        (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
-        (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
-        # A served teacher takes no logical GPU.
-        (
-            ["npd.teacher.url=http://127.0.0.1:9/v1", "ray_kwargs.ray_init.num_gpus=0"],
-            "needs 1 logical GPUs (trainer 1) but ray_kwargs.ray_init.num_gpus is 0",
-        ),
-        (["npd.teacher.url=127.0.0.1:8000"], "npd.teacher.url must start with http:// or https://, got '127.0.0.1:8000'"),
-        (
-            ["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
-            "needs 3 logical GPUs (trainer 1 + teacher 1 + standalone rollout 1)",
-        ),
-        (["actor_rollout_ref.rollout.nnodes=1"], "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot"),
-        (
-            ["trainer.n_gpus_per_node=3", "ray_kwargs.ray_init.num_gpus=4"],
-            "64 samples per step cannot be split evenly over the trainer's 3 data-parallel ranks",
-        ),
-        # The toy prompts are 15 or 17 tokens long.
-        (
-            ["data.max_prompt_length=16", "data.filter_overlong_prompts=false"],
-            "prompts in '{train}' are longer than data.max_prompt_length=16 (first: row ",
-        ),
-        (["data.max_prompt_length=12"], "are longer than data.max_prompt_length=12: nothing is left"),
-        (["data.train_files=/nonexistent.parquet"], "data.train_files: data file '/nonexistent.parquet' does not exist"),
-        # Values that verl's config dataclasses reject in __post_init__, inside Ray workers.
-        (
-            ["distillation.distillation_loss.loss_mode=no_such_loss"],
-            "verl-npd: distillation.distillation_loss.loss_mode: Unsupported loss mode: no_such_loss.",
-        ),
-        (
-            ["actor_rollout_ref.actor.loss_agg_mode=no-such-mode"],
-            "verl-npd: actor_rollout_ref.actor.loss_agg_mode: Invalid loss_agg_mode: no-such-mode",
-        ),
-        # A bare assert in verl (no message): the field is read from the asserted line.
-        (
-            ["actor_rollout_ref.actor.optim.lr_scheduler_type=no-such-schedule"],
-            "verl-npd: actor_rollout_ref.actor.optim.lr_scheduler_type: "
-            "AssertionError: assert self.lr_scheduler_type in",
-        ),
-    ],
-)
-def test_bad_config_fails_fast_naming_the_field(toy_world, overrides, expected):
-    start = time.monotonic()
-    result = run_module("verl_npd.main_npd", overrides, timeout=120)
-    elapsed = time.monotonic() - start
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert expected.format(train=toy_world.train_parquet) in result.stderr
-    assert "Traceback" not in result.stderr
+# Each bad config and the line main_npd must print for it.
+BAD_CONFIGS = [
+    (["npd.buffer.max_staleness=-1"], "npd.buffer.max_staleness must be >= 0, got -1"),
+    (["npd.filter.lo=0.9", "npd.filter.hi=0.1"], "npd.filter.lo (0.9) must not exceed npd.filter.hi (0.1)"),
+    (["npd.sync_interval=0"], "npd.sync_interval must be >= 1, got 0"),
+    (["npd.sync_interval=4", "npd.buffer.max_staleness=1"], "npd.sync_interval=4 with npd.buffer.max_staleness=1"),
+    # The buffer must hold a step's samples (a check across the npd and data sections).
+    (
+        ["npd.buffer.capacity=32"],
+        "npd.buffer.capacity=32 cannot hold a training batch: data.train_batch_size * actor_rollout_ref.rollout.n = 64",
+    ),
+    # One home per setting: NPD reads verl's step count and token budget.
+    (["+npd.total_steps=150"], "npd.total_steps is verl's trainer.total_training_steps"),
+    (
+        ["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64"],
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64 (NPD's micro-batch token budget) is less than "
+        "the longest sample, data.max_prompt_length + data.max_response_length = 88",
+    ),
+    (["npd.loss.beta=1.5"], "npd.loss.beta must lie in [0, 1], got 1.5"),
+    (["+npd.loss.chunk_size=7"], "npd.loss.chunk_size is verl's distillation.distillation_loss.chunked_topk_chunk_size"),
+    (
+        ["+distillation.distillation_loss.chunked_topk_chunk_size=0"],  # verl's field, not in its yaml
+        "distillation.distillation_loss.chunked_topk_chunk_size=0: npd_forward_kl_topk gathers",
+    ),
+    (["+npd.no_such_field=1"], "npd: unknown field(s) ['no_such_field']"),
+    # A mistyped key fails in one line naming the nearest one (Hydra's own error takes six).
+    (["npd.buffer.capasity=3"], "verl-npd: npd.buffer.capasity: NPD has no such setting; did you mean npd.buffer.capacity?"),
+    # verl would fail after Ray started, with PyTorch's sampler error that names no key.
+    (["data.train_batch_size=0"], "verl-npd: data.train_batch_size=0: must be an integer of 1 or more"),
+    (["actor_rollout_ref.model.path=/nonexistent/student"], "actor_rollout_ref.model.path: model directory"),
+    (["ray_kwargs.ray_init.num_gpus=1"], "needs 2 logical GPUs (trainer 1 + teacher 1)"),
+    # A served teacher takes no logical GPU.
+    (
+        ["npd.teacher.url=http://127.0.0.1:9/v1", "ray_kwargs.ray_init.num_gpus=0"],
+        "needs 1 logical GPUs (trainer 1) but ray_kwargs.ray_init.num_gpus is 0",
+    ),
+    (["npd.teacher.url=127.0.0.1:8000"], "npd.teacher.url must start with http:// or https://, got '127.0.0.1:8000'"),
+    (
+        ["actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.checkpoint_engine.backend=npd_gloo"],
+        "needs 3 logical GPUs (trainer 1 + teacher 1 + standalone rollout 1)",
+    ),
+    (["actor_rollout_ref.rollout.nnodes=1"], "actor_rollout_ref.rollout.checkpoint_engine.backend=naive cannot"),
+    (
+        ["trainer.n_gpus_per_node=3", "ray_kwargs.ray_init.num_gpus=4"],
+        "64 samples per step cannot be split evenly over the trainer's 3 data-parallel ranks",
+    ),
+    # The toy prompts are 15 or 17 tokens long.
+    (
+        ["data.max_prompt_length=16", "data.filter_overlong_prompts=false"],
+        "prompts in '{train}' are longer than data.max_prompt_length=16 (first: row ",
+    ),
+    (["data.max_prompt_length=12"], "are longer than data.max_prompt_length=12: nothing is left"),
+    (["data.train_files=/nonexistent.parquet"], "data.train_files: data file '/nonexistent.parquet' does not exist"),
+    # Values that verl's config dataclasses reject in __post_init__, inside Ray workers.
+    (
+        ["distillation.distillation_loss.loss_mode=no_such_loss"],
+        "verl-npd: distillation.distillation_loss.loss_mode: Unsupported loss mode: no_such_loss.",
+    ),
+    (
+        ["actor_rollout_ref.actor.loss_agg_mode=no-such-mode"],
+        "verl-npd: actor_rollout_ref.actor.loss_agg_mode: Invalid loss_agg_mode: no-such-mode",
+    ),
+    # A bare assert in verl (no message): the field is read from the asserted line.
+    (
+        ["actor_rollout_ref.actor.optim.lr_scheduler_type=no-such-schedule"],
+        "verl-npd: actor_rollout_ref.actor.optim.lr_scheduler_type: "
+        "AssertionError: assert self.lr_scheduler_type in",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(toy_world, tmp_path_factory) -> dict[tuple[str, ...], dict]:
+    """Every bad config through main_npd's command line, one after the other in one fresh process."""
+    cases = [overrides for overrides, _ in BAD_CONFIGS]
+    results = run_main_npd_cases(cases, tmp_path_factory.mktemp("bad_configs"))
+    return {tuple(overrides): result for overrides, result in zip(cases, results, strict=True)}
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_CONFIGS)
+def test_bad_config_fails_fast_naming_the_field(toy_world, bad_config_runs, overrides, expected):
+    result = bad_config_runs[tuple(overrides)]
+    assert result["returncode"] == 2, result["stdout"][-2000:] + result["stderr"][-2000:]
+    assert expected.format(train=toy_world.train_parquet) in result["stderr"]
+    assert "Traceback" not in result["stderr"]
     # No Ray cluster was started: its banner never appears, and no actor printed anything.
-    assert "Started a local Ray instance" not in result.stdout + result.stderr
-    assert elapsed < 120
+    assert not result["ray_started"]
+    assert "Started a local Ray instance" not in result["stdout"] + result["stderr"]
+    assert result["seconds"] < 120
 
 
 def test_one_tokenizer_check_rejects_the_pair_in_preflight_and_in_the_score_cli(toy_world, tmp_path, capsys):
