@@ -59,10 +59,11 @@ def run_module(module: str, args: list[str], timeout: float = 900, env: dict | N
     )
 
 
-def run_main_npd_cases(cases: list[list[str]], tmp_dir, timeout: float = 600) -> list[dict]:
+def run_main_npd_cases(cases: list[list[str]], tmp_dir, timeout: float = 600) -> tuple[list[dict], str]:
     """``main_npd`` once per case (a list of arguments), all in one fresh process
     (``tests/main_npd_cases.py``): per case its exit code, stdout, stderr, seconds and whether Ray
-    was started."""
+    was started; and what reached the process's own stdout and stderr (a logging handler made
+    before a case redirected them writes there)."""
     cases_path, results_path = os.path.join(tmp_dir, "cases.json"), os.path.join(tmp_dir, "results.json")
     with open(cases_path, "w") as f:
         json.dump(cases, f)
@@ -75,7 +76,7 @@ def run_main_npd_cases(cases: list[list[str]], tmp_dir, timeout: float = 600) ->
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(results_path) as f:
-        return json.load(f)
+        return json.load(f), result.stdout + result.stderr
 
 
 def read_jsonl(path: str) -> list[dict]:

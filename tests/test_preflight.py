@@ -87,7 +87,8 @@ BAD_CONFIGS = [
 def bad_config_runs(toy_world, tmp_path_factory) -> dict[tuple[str, ...], dict]:
     """Every bad config through main_npd's command line, one after the other in one fresh process."""
     cases = [overrides for overrides, _ in BAD_CONFIGS]
-    results = run_main_npd_cases(cases, tmp_path_factory.mktemp("bad_configs"))
+    results, process_output = run_main_npd_cases(cases, tmp_path_factory.mktemp("bad_configs"))
+    assert "Traceback" not in process_output and "Started a local Ray instance" not in process_output
     return {tuple(overrides): result for overrides, result in zip(cases, results, strict=True)}
 
 
